@@ -1,0 +1,187 @@
+"""The MoE layer: router -> route (replayable) -> dispatch -> experts -> combine.
+
+Shape legend: T tokens (all leading dims of x flattened), H hidden, I expert intermediate,
+E experts, K experts per token.
+
+Precision notes:
+* The router is float32 (weight and logits), whatever the experts' dtype: routing decisions
+  are what this library exists to make reproducible, and bf16 logits tie far more often.
+* Gate weights are float32. Experts accumulate in float32; the layer returns x's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_replay.backends.base import Backend, ExpertBuckets
+from moe_replay.backends.registry import get_backend, registered_backends
+from moe_replay.config import MoEConfig
+from moe_replay.parallel.local import local_dispatch
+from moe_replay.routing.route import Routing, route
+from moe_replay.routing.sites import mark_site, route_at_site, site_of
+
+
+class Router(nn.Module):
+    """Float32 linear router ``logits_TE = x_TH @ weight.T``, with the optional selection bias."""
+
+    def __init__(self, cfg: MoEConfig, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, device=device))
+        self.bias: torch.Tensor | None
+        if cfg.score_bias:
+            # A buffer, not a parameter: it is adjusted by load-balancing rules, not by gradients.
+            self.register_buffer("bias", torch.zeros(cfg.num_experts, device=device))
+        else:
+            self.bias = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.weight.shape[1]))
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        return F.linear(x_TH.float(), self.weight.float())
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored as two 3-D tensors (the Hugging Face transformers 5 layout).
+
+    ``gate_up_proj [E, 2I, H]``: rows ``0..I-1`` are the gate projection, ``I..2I-1`` the up
+    projection. ``down_proj [E, H, I]``. Expert e computes ``down_e(silu(gate_e x) * up_e x)``.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
+        self.reset_parameters()
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up_proj.shape[0]
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.gate_up_proj, std=1.0 / math.sqrt(self.gate_up_proj.shape[2]))
+        nn.init.normal_(self.down_proj, std=1.0 / math.sqrt(self.down_proj.shape[2]))
+
+    def forward(self, x_MH: torch.Tensor, buckets: ExpertBuckets, backend: Backend) -> torch.Tensor:
+        return backend.expert_mlp(x_MH, buckets, self.gate_up_proj, self.down_proj)
+
+
+def _check_backend_name(backend: str | None) -> None:
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    if backend is not None and backend not in registered_backends():
+        raise ValueError(f"backend={backend!r} is not registered; registered: {registered_backends()}")
+
+
+class MoELayer(nn.Module):
+    """What :class:`MoE` and :class:`moe_replay.QuantMoE` share: routing, dispatch, forward."""
+
+    experts: nn.Module
+
+    def __init__(self, cfg: MoEConfig, backend: str | None, router_device: torch.device | str | None) -> None:
+        super().__init__()
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
+        _check_backend_name(backend)
+        self.cfg = cfg
+        self.backend = backend
+        self.router = Router(cfg, device=router_device)
+        self.dispatch_experts = local_dispatch
+        mark_site(self, cfg.num_experts, cfg.top_k)
+
+    def _forced_TK(self, forced: torch.Tensor | None, lead: tuple[int, ...]) -> torch.Tensor | None:
+        if forced is None:
+            return None
+        if not isinstance(forced, torch.Tensor):
+            raise TypeError(f"forced_expert_ids must be a torch.Tensor or None, got {type(forced).__name__}")
+        T, K = math.prod(lead), self.cfg.top_k
+        if forced.dim() == 0 or forced.shape[-1] != K or forced.numel() != T * K:
+            raise ValueError(
+                f"forced_expert_ids must have shape [N={T}, top_k={K}] or [*{list(lead)}, {K}] "
+                f"for x of token shape {list(lead)}, got {tuple(forced.shape)}"
+            )
+        return forced.reshape(T, K)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        forced_expert_ids: torch.Tensor | None = None,
+        return_routing: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, Routing]:
+        """``y [..., H]`` for ``x [..., H]``; with ``return_routing``, also the :class:`Routing` used,
+        shaped ``x.shape[:-1] + (K,)``.
+
+        ``forced_expert_ids`` (``[N, K]`` with ``N = x.numel() // H``, or ``[..., K]``) forces
+        experts slot by slot; ``-1`` leaves a slot to the router (see :func:`moe_replay.route`).
+        """
+        H = self.cfg.hidden_size
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != H or not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor [..., hidden_size={H}], got {x.dtype} {tuple(x.shape)}")
+        lead = tuple(x.shape[:-1])
+        x_TH = x.reshape(-1, H)
+        forced_TK = self._forced_TK(forced_expert_ids, lead)
+        backend = get_backend(self.backend, x.device)
+        logits_TE = self.router(x_TH)
+
+        def route_fn(forced: torch.Tensor | None, validate: bool) -> Routing:
+            return route(logits_TE, self.cfg, forced, self.router.bias, validate, backend=backend.name)
+
+        routing = route_at_site(site_of(self), route_fn, x_TH.shape[0], lead, forced_TK)
+        y_TH = self.dispatch_experts(x_TH, routing, self.experts, backend)
+        y = y_TH.reshape(x.shape)
+        return (y, routing.reshape(*lead)) if return_routing else y
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        parts = [
+            f"num_experts={c.num_experts}, top_k={c.top_k}, hidden_size={c.hidden_size}",
+            f"intermediate_size={c.intermediate_size}, scoring={c.scoring}, norm_topk_prob={c.norm_topk_prob}",
+        ]
+        if c.n_group is not None:
+            parts.append(f"n_group={c.n_group}, topk_group={c.topk_group}")
+        if c.score_bias:
+            parts.append("score_bias=True")
+        if c.routed_scaling_factor != 1.0:
+            parts.append(f"routed_scaling_factor={c.routed_scaling_factor}")
+        parts.append(f"backend={self.backend or 'auto'}")
+        return ", ".join(parts)
+
+
+class MoE(MoELayer):
+    """A Mixture-of-Experts layer with replayable routing.
+
+    ``y[t] = sum_j weights[t, j] * E_{ids[t, j]}(x[t])`` with ``E_e(x) = down_e(silu(gate_e x) * up_e x)``.
+
+    Parameters: ``router.weight [E, H]`` (float32), ``router.bias [E]`` (float32 buffer, only with
+    ``cfg.score_bias``), ``experts.gate_up_proj [E, 2I, H]`` and ``experts.down_proj [E, H, I]``
+    (``dtype``). Initialisation: every weight ~ N(0, 1 / fan_in), so unit-variance inputs give
+    unit-scale router logits and expert pre-activations; the bias starts at zero.
+
+    ``backend``: ``None`` picks per call (``MOE_REPLAY_BACKEND``, else ``triton`` on CUDA, else
+    ``torch``); a name requests that backend and raises if it cannot run on the input's device.
+    """
+
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(cfg, backend, device)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, device, dtype)

@@ -1,0 +1,106 @@
+"""QuantMoE: the MoE layer with integer expert weights (inference only).
+
+Only the experts change: the router stays float32 and routing, replay and record behave exactly
+as in :class:`moe_replay.MoE`. Formats are described in :mod:`moe_replay.quantize`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe_replay.backends.base import Backend, ExpertBuckets
+from moe_replay.layers.moe import MoE, MoELayer
+from moe_replay.quantize import WEIGHT_DTYPES, QuantizedWeight, quantize_weight
+from moe_replay.routing.route import Routing
+
+
+class QuantExperts(nn.Module):
+    """Quantized ``gate_up`` and ``down`` weights of E experts, kept as buffers."""
+
+    def __init__(self, gate_up: QuantizedWeight, down: QuantizedWeight) -> None:
+        super().__init__()
+        self.weight_dtype = gate_up.weight_dtype
+        self.gate_up_group_size = gate_up.group_size
+        self.down_group_size = down.group_size
+        self.register_buffer("gate_up_qweight", gate_up.qweight)
+        self.register_buffer("gate_up_scale", gate_up.scale)
+        self.register_buffer("down_qweight", down.qweight)
+        self.register_buffer("down_scale", down.scale)
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up_scale.shape[0]
+
+    def weights(self) -> tuple[QuantizedWeight, QuantizedWeight]:
+        return (
+            QuantizedWeight(self.gate_up_qweight, self.gate_up_scale, self.weight_dtype, self.gate_up_group_size),
+            QuantizedWeight(self.down_qweight, self.down_scale, self.weight_dtype, self.down_group_size),
+        )
+
+    def forward(self, x_MH: torch.Tensor, buckets: ExpertBuckets, backend: Backend) -> torch.Tensor:
+        return backend.quant_expert_mlp(x_MH, buckets, *self.weights())
+
+    def extra_repr(self) -> str:
+        return (
+            f"weight_dtype={self.weight_dtype}, gate_up_group_size={self.gate_up_group_size}, "
+            f"down_group_size={self.down_group_size}"
+        )
+
+
+class QuantMoE(MoELayer):
+    """An MoE layer with int8 or int4 experts; build it with :meth:`from_float`.
+
+    Activations are quantized per token to int8 before each expert GEMM; integer products are
+    accumulated exactly, then scaled. Inference only: calling it with gradients requested (an
+    input that requires grad, or a router weight set to require grad) raises ``ValueError``.
+    """
+
+    def __init__(self, moe: MoE, weight_dtype: str, group_size: int | None) -> None:
+        cfg = moe.cfg
+        super().__init__(cfg, moe.backend, moe.router.weight.device)
+        self.router.load_state_dict(moe.router.state_dict())
+        self.router.weight.requires_grad_(False)
+        gate_up = quantize_weight(moe.experts.gate_up_proj, weight_dtype, group_size)
+        down = quantize_weight(moe.experts.down_proj, weight_dtype, group_size)
+        self.experts = QuantExperts(gate_up, down)
+
+    @classmethod
+    def from_float(cls, moe: MoE, weight_dtype: str = "int8", group_size: int | None = None) -> QuantMoE:
+        """Quantize ``moe``'s experts: ``"int8"`` per output channel (``group_size`` must be None),
+        or ``"int4"`` with one scale per ``group_size`` inputs (required; must divide both the
+        hidden and the intermediate size, and be even)."""
+        if not isinstance(moe, MoE):
+            raise TypeError(f"moe must be a moe_replay.MoE, got {type(moe).__name__}")
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
+            raise TypeError(f"group_size must be an int or None, got {type(group_size).__name__}")
+        if weight_dtype == "int8" and group_size is not None:
+            raise ValueError(f"int8 weights use one scale per output channel; group_size must be None, got {group_size}")
+        if weight_dtype == "int4":
+            if group_size is None:
+                raise ValueError("int4 weights need group_size (inputs per scale), got None")
+            dims = {"hidden_size": moe.cfg.hidden_size, "intermediate_size": moe.cfg.intermediate_size}
+            if group_size <= 0 or group_size % 2:
+                raise ValueError(f"group_size must be a positive even number for int4, got {group_size}")
+            for name, dim in dims.items():
+                if dim % group_size:
+                    raise ValueError(f"group_size={group_size} must divide {name}={dim}")
+        return cls(moe, weight_dtype, group_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        forced_expert_ids: torch.Tensor | None = None,
+        return_routing: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, Routing]:
+        if torch.is_grad_enabled() and (
+            (isinstance(x, torch.Tensor) and x.requires_grad) or self.router.weight.requires_grad
+        ):
+            raise ValueError(
+                "QuantMoE is inference-only and has no gradients: got "
+                + ("x with requires_grad=True" if x.requires_grad else "router.weight with requires_grad=True")
+                + "; run it under torch.no_grad() or use moe_replay.MoE for training"
+            )
+        return super().forward(x, forced_expert_ids, return_routing)

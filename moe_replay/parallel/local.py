@@ -1,0 +1,23 @@
+"""Single-process dispatch: every expert lives here.
+
+Shape legend: T tokens, K experts per token, N = T * K routed rows, H hidden.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from moe_replay.backends.base import Backend
+    from moe_replay.routing.route import Routing
+
+
+def local_dispatch(x_TH: torch.Tensor, routing: Routing, experts: nn.Module, backend: Backend) -> torch.Tensor:
+    """``y_TH[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x_TH[t])``, in x's dtype."""
+    buckets = backend.dispatch(routing.expert_ids, experts.num_experts)
+    y_NH = experts(x_TH, buckets, backend)
+    return backend.combine(y_NH, buckets, routing.weights, x_TH.dtype)

@@ -17,10 +17,11 @@ def _descending_order(scores_TE: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores_TE, dim=1, descending=True, stable=True).indices
 
 
-def limit_to_groups(select_TE: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
-    """``select_TE`` with every expert outside the ``topk_group`` best groups set to -inf.
+def kept_experts(select_TE: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
+    """Bool ``[T, E]``: the experts of each token's ``topk_group`` best groups.
 
-    A group's score is the sum of its two best selection scores (DeepSeek-V3).
+    A group's score is the sum of its two best selection scores (DeepSeek-V3); ties between
+    groups go to the lower group index.
     """
     T, E = select_TE.shape
     per_group = cfg.experts_per_group
@@ -28,19 +29,26 @@ def limit_to_groups(select_TE: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
     group_score_TG = grouped_TGS.topk(min(2, per_group), dim=2).values.sum(dim=2)
     kept_groups = _descending_order(group_score_TG)[:, : cfg.topk_group]
     keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, kept_groups, True)
-    keep_TE = keep_TG.repeat_interleave(per_group, dim=1)
-    return select_TE.masked_fill(~keep_TE, float("-inf"))
+    return keep_TG.repeat_interleave(per_group, dim=1)
 
 
 def selection_scores(logits_TE: torch.Tensor, cfg: MoEConfig, bias_E: torch.Tensor | None) -> torch.Tensor:
-    """What the router ranks experts by: scores plus bias, limited to the kept groups."""
+    """What the router ranks experts by: a tensor whose top-K are the router's own choices.
+
+    Without a bias this is the logits themselves: softmax and sigmoid are monotonic, and ranking
+    the logits makes every backend choose bit-identically (computed scores may differ in the last
+    ulp between implementations). With a bias it is ``scores + bias``. Either way the experts
+    outside the kept groups are set to -inf.
+    """
     logits = logits_TE.detach().float()
+    if bias_E is None and cfg.n_group is None:
+        return logits
     scores = torch.softmax(logits, dim=1) if cfg.scoring == "softmax" else torch.sigmoid(logits)
-    if bias_E is not None:
-        scores = scores + bias_E.float()
+    select = scores + bias_E.float() if bias_E is not None else scores
+    rank = select if bias_E is not None else logits
     if cfg.n_group is not None:
-        scores = limit_to_groups(scores, cfg)
-    return scores
+        rank = rank.masked_fill(~kept_experts(select, cfg), float("-inf"))
+    return rank
 
 
 def select_experts(

@@ -1,0 +1,74 @@
+"""The ``triton`` backend: fused GPU kernels for every stage, forward and backward.
+
+Runs on CUDA devices of compute capability 8.0 or newer, and on CPU tensors under
+``TRITON_INTERPRET=1`` (Triton's interpreter: how CI tests the kernels, at small sizes).
+
+What is not a kernel, explicitly: quantized experts (``QuantMoE``) use the reference integer
+GEMMs of the ``torch`` backend; the routing/dispatch/combine stages around them are this backend's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_replay.backends.base import Backend, ExpertBuckets
+from moe_replay.backends.torch import quant as reference_quant
+from moe_replay.backends.triton import combine, dispatch, experts, route
+from moe_replay.backends.triton._common import interpreting
+from moe_replay.config import MoEConfig
+from moe_replay.quantize import QuantizedWeight
+from moe_replay.routing.route import Routing
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return "CUDA is not available"
+            major, minor = torch.cuda.get_device_capability(device)
+            if major < 8:
+                return f"needs compute capability >= 8.0 (bf16 tensor cores), the device has {major}.{minor}"
+            return None
+        if device.type == "cpu" and interpreting():
+            return None
+        return f"its kernels run on CUDA devices (on {device.type} only under TRITON_INTERPRET=1)"
+
+    def route(
+        self,
+        logits_TE: torch.Tensor,
+        cfg: MoEConfig,
+        forced_TK: torch.Tensor | None,
+        bias_E: torch.Tensor | None,
+    ) -> Routing:
+        return route.route(logits_TE, cfg, forced_TK, bias_E)
+
+    def dispatch(self, expert_ids_MR: torch.Tensor, num_experts: int) -> ExpertBuckets:
+        return dispatch.dispatch(expert_ids_MR, num_experts)
+
+    def expert_mlp(
+        self,
+        x_MH: torch.Tensor,
+        buckets: ExpertBuckets,
+        w_gate_up_E2IH: torch.Tensor,
+        w_down_EHI: torch.Tensor,
+    ) -> torch.Tensor:
+        return experts.expert_mlp(x_MH, buckets, w_gate_up_E2IH, w_down_EHI)
+
+    def combine(
+        self, y_NH: torch.Tensor, buckets: ExpertBuckets, weights_MR: torch.Tensor, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        return combine.combine(y_NH, buckets, weights_MR, out_dtype)
+
+    def permute_rows(self, x_MH: torch.Tensor, buckets: ExpertBuckets) -> torch.Tensor:
+        return combine.permute_rows(x_MH, buckets)
+
+    def quant_expert_mlp(
+        self, x_MH: torch.Tensor, buckets: ExpertBuckets, gate_up: QuantizedWeight, down: QuantizedWeight
+    ) -> torch.Tensor:
+        # Explicitly the reference integer GEMMs (module docstring): no Triton int8 kernels yet.
+        return reference_quant.quant_expert_mlp(x_MH, buckets, gate_up, down)
+
+
+BACKEND = TritonBackend()

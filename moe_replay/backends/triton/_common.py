@@ -1,0 +1,65 @@
+"""Helpers shared by the Triton kernels.
+
+Interpreter note: under ``TRITON_INTERPRET=1`` (how CI runs these kernels on the CPU) Triton 3.6's
+``tl.dot`` multiplies bfloat16 operands as their raw 16-bit patterns (errors of ~1e10 on unit
+data). Every kernel therefore takes ``DOT_FP32``: when set, operands are upcast to float32 before
+``tl.dot``. Launchers set it only when interpreting; on a GPU bf16 goes to the tensor cores.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pow2(n: int, minimum: int = 1) -> int:
+    return max(triton.next_power_of_2(max(n, 1)), minimum)
+
+
+def dot_flags(dtype: torch.dtype) -> dict[str, bool]:
+    """``DOT_FP32`` (interpreter workaround) and ``IEEE`` (full-precision float32 dots, not TF32)."""
+    return {"DOT_FP32": interpreting() and dtype != torch.float32, "IEEE": dtype == torch.float32}
+
+
+@triton.jit
+def mma(a, b, acc, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """``acc + a @ b`` with float32 accumulation (see the module docstring for the flags)."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def expert_of_tile(offsets_ptr, pid_m, E, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Map the ``pid_m``-th row tile of a grouped GEMM to its expert.
+
+    Expert e owns rows ``offsets[e]:offsets[e+1]``, cut into ``ceil(count / BLOCK_M)`` tiles, tiles
+    numbered expert after expert. Returns (expert, first row of the tile, end of the expert's rows,
+    whether the tile exists). Computed from ``offsets`` on the device: no host synchronisation.
+    """
+    e_idx = tl.arange(0, E_PAD)
+    lo = tl.load(offsets_ptr + e_idx, mask=e_idx < E, other=0)
+    hi = tl.load(offsets_ptr + e_idx + 1, mask=e_idx < E, other=0)
+    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    tiles_end = tl.cumsum(tiles, 0)
+    expert = tl.sum((tiles_end <= pid_m).to(tl.int32), 0)
+    here = e_idx == expert
+    first_tile = tl.sum(tl.where(here, tiles_end - tiles, 0), 0)
+    row_start = tl.sum(tl.where(here, lo, 0), 0) + (pid_m - first_tile) * BLOCK_M
+    row_end = tl.sum(tl.where(here, hi, 0), 0)
+    return expert, row_start, row_end, pid_m < tl.sum(tiles, 0)
+
+
+def max_row_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
+    """Upper bound of ``sum_e ceil(count_e / block_m)``, known on the host without a sync."""
+    return triton.cdiv(num_rows, block_m) + min(num_experts, num_rows)

@@ -1,0 +1,103 @@
+"""Dispatch: a stable counting sort of routed slots by expert, on the device, without host syncs.
+
+Shape legend: M rows, R reads per row, N = M * R slots, E experts, B blocks of ``BLOCK`` slots.
+
+Three launches (plus a memset), all with grids known from shapes, so the whole thing can be
+captured in a CUDA graph:
+
+1. ``_count_kernel``: per block of slots, a histogram over experts -> ``counts_BE``; the column
+   totals are summed with integer atomics (order-free, so the result is deterministic).
+2. ``_scan_kernel``: one program per expert: the expert's first sorted position (the sum of the
+   totals of lower experts) plus the exclusive prefix of its column -> ``base_BE``, where block b's
+   first slot of expert e goes. Program 0 also writes ``offsets_E1``.
+3. ``_scatter_kernel``: each slot's rank among the earlier slots of its block with the same expert
+   (a BLOCK x BLOCK comparison), added to ``base_BE``: its sorted position.
+
+Ranks follow slot order inside a block and blocks are laid out in order, so buckets hold their
+slots in ascending order: the same permutation as a stable argsort (the reference), bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moe_replay.backends.base import ExpertBuckets
+from moe_replay.backends.triton._common import pow2
+
+BLOCK = 128  # slots per block: the rank step compares BLOCK x BLOCK ids in registers
+SCAN = 1024  # blocks per step of the per-expert scan
+
+
+@triton.jit
+def _count_kernel(ids_ptr, counts_ptr, totals_ptr, N, E, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    block = tl.program_id(0)
+    slots = block * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + slots, mask=slots < N, other=0)
+    valid = (slots < N) & (ids >= 0) & (ids < E)
+    hist = tl.histogram(ids, E_PAD, mask=valid)
+    experts = tl.arange(0, E_PAD)
+    tl.store(counts_ptr + block * E_PAD + experts, hist)
+    tl.atomic_add(totals_ptr + experts, hist, mask=experts < E)
+
+
+@triton.jit
+def _scan_kernel(
+    counts_ptr, totals_ptr, base_ptr, offsets_ptr, num_blocks, E, E_PAD: tl.constexpr, SCAN: tl.constexpr
+):
+    expert = tl.program_id(0)
+    experts = tl.arange(0, E_PAD)
+    totals = tl.load(totals_ptr + experts, mask=experts < E, other=0)
+    if expert == 0:
+        tl.store(offsets_ptr, 0)
+        tl.store(offsets_ptr + 1 + experts, tl.cumsum(totals, 0), mask=experts < E)
+    carry = tl.sum(tl.where(experts < expert, totals, 0), 0)
+    for start in range(0, num_blocks, SCAN):
+        blocks = start + tl.arange(0, SCAN)
+        ok = blocks < num_blocks
+        column = tl.load(counts_ptr + blocks * E_PAD + expert, mask=ok, other=0)
+        tl.store(base_ptr + blocks * E_PAD + expert, carry + tl.cumsum(column, 0) - column, mask=ok)
+        carry += tl.sum(column, 0)
+
+
+@triton.jit
+def _scatter_kernel(
+    ids_ptr, base_ptr, row_of_slot_ptr, slot_of_row_ptr, N, R, E, BLOCK: tl.constexpr, E_PAD: tl.constexpr
+):
+    block = tl.program_id(0)
+    local = tl.arange(0, BLOCK)
+    slots = block * BLOCK + local
+    ids = tl.load(ids_ptr + slots, mask=slots < N, other=-1)
+    ok = (slots < N) & (ids >= 0) & (ids < E)
+    earlier_same = (ids[:, None] == ids[None, :]) & (local[None, :] < local[:, None])
+    rank = tl.sum(earlier_same.to(tl.int32), 1)
+    sorted_pos = tl.load(base_ptr + block * E_PAD + ids, mask=ok, other=0) + rank
+    tl.store(slot_of_row_ptr + slots, sorted_pos, mask=ok)
+    tl.store(row_of_slot_ptr + sorted_pos, slots // R, mask=ok)
+
+
+def dispatch(expert_ids_MR: torch.Tensor, num_experts: int) -> ExpertBuckets:
+    """Stable grouping of ``expert_ids_MR`` (ids in ``[0, E)``) by expert; see the module docstring."""
+    M, R = expert_ids_MR.shape
+    N, device = M * R, expert_ids_MR.device
+    ids_N = expert_ids_MR.reshape(-1).to(torch.int32).contiguous()
+    e_pad = pow2(num_experts, 16)
+    num_blocks = triton.cdiv(N, BLOCK)
+    row_of_slot_N = torch.empty(N, dtype=torch.int32, device=device)
+    slot_of_row_N = torch.empty(N, dtype=torch.int32, device=device)
+    offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.int32, device=device)
+    if N:
+        counts_BE = torch.empty(num_blocks, e_pad, dtype=torch.int32, device=device)
+        base_BE = torch.empty_like(counts_BE)
+        totals_E = torch.zeros(e_pad, dtype=torch.int32, device=device)
+        _count_kernel[(num_blocks,)](ids_N, counts_BE, totals_E, N, num_experts, BLOCK=BLOCK, E_PAD=e_pad)
+        _scan_kernel[(num_experts,)](
+            counts_BE, totals_E, base_BE, offsets_E1, num_blocks, num_experts, E_PAD=e_pad, SCAN=SCAN
+        )
+        _scatter_kernel[(num_blocks,)](
+            ids_N, base_BE, row_of_slot_N, slot_of_row_N, N, R, num_experts, BLOCK=BLOCK, E_PAD=e_pad
+        )
+    return ExpertBuckets(
+        row_of_slot_N=row_of_slot_N, slot_of_row_MR=slot_of_row_N.view(M, R), offsets_E1=offsets_E1
+    )

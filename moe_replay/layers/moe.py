@@ -12,6 +12,7 @@ Precision notes:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +21,14 @@ from torch import nn
 from moe_replay.backends.base import Backend, ExpertBuckets
 from moe_replay.backends.registry import get_backend, registered_backends
 from moe_replay.config import MoEConfig
+from moe_replay.parallel.expert_parallel import setup_expert_parallel
 from moe_replay.parallel.local import local_dispatch
+from moe_replay.parallel.state import full_state_dict, keep_local_experts
 from moe_replay.routing.route import Routing, route
 from moe_replay.routing.sites import mark_site, route_at_site, site_of
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 class Router(nn.Module):
@@ -51,6 +57,10 @@ class Experts(nn.Module):
 
     ``gate_up_proj [E, 2I, H]``: rows ``0..I-1`` are the gate projection, ``I..2I-1`` the up
     projection. ``down_proj [E, H, I]``. Expert e computes ``down_e(silu(gate_e x) * up_e x)``.
+
+    Under expert parallelism the module holds this rank's ``E = num_experts`` experts, global ids
+    ``first_expert:first_expert + E`` of ``num_global_experts``; ``load_state_dict`` then also
+    accepts the full layer's tensors and keeps this rank's rows (``parallel.state``).
     """
 
     def __init__(
@@ -60,11 +70,17 @@ class Experts(nn.Module):
         intermediate_size: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        first_expert: int = 0,
+        num_global_experts: int | None = None,
     ) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
+        self.first_expert = first_expert
+        self.num_global_experts = num_experts if num_global_experts is None else num_global_experts
+        self.register_load_state_dict_pre_hook(keep_local_experts)
         self.reset_parameters()
 
     @property
@@ -91,7 +107,14 @@ class MoELayer(nn.Module):
 
     experts: nn.Module
 
-    def __init__(self, cfg: MoEConfig, backend: str | None, router_device: torch.device | str | None) -> None:
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        backend: str | None,
+        router_device: torch.device | str | None,
+        ep_group: ProcessGroup | None = None,
+        ep_mode: str = "allgather",
+    ) -> None:
         super().__init__()
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
@@ -99,8 +122,27 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.backend = backend
         self.router = Router(cfg, device=router_device)
-        self.dispatch_experts = local_dispatch
+        # Expert parallelism (a collective when ep_group is given) only swaps the dispatcher.
+        kind = type(self).__name__
+        self.ep = setup_expert_parallel(cfg, ep_group, ep_mode, layer_kind=kind, router=self.router)
+        self.dispatch_experts = local_dispatch if self.ep is None else self.ep.dispatcher
         mark_site(self, cfg.num_experts, cfg.top_k)
+
+    @property
+    def local_experts(self) -> tuple[int, int]:
+        """(global id of this rank's first expert, how many it holds): ``(0, E)`` without expert
+        parallelism."""
+        if self.ep is None:
+            return 0, self.cfg.num_experts
+        return self.ep.partition.first, self.ep.partition.num_local
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The single-process layer's state dict, all experts included, on every rank.
+
+        Under expert parallelism a collective over the group (every rank must call it);
+        ``state_dict()`` holds this rank's experts only, and ``load_state_dict`` accepts either.
+        """
+        return full_state_dict(self, self.ep)
 
     def _forced_TK(self, forced: torch.Tensor | None, lead: tuple[int, ...]) -> torch.Tensor | None:
         if forced is None:
@@ -163,7 +205,7 @@ class MoELayer(nn.Module):
 
 
 class MoE(MoELayer):
-    """A Mixture-of-Experts layer with replayable routing.
+    """A Mixture-of-Experts layer with replayable routing, optionally expert-parallel.
 
     ``y[t] = sum_j weights[t, j] * E_{ids[t, j]}(x[t])`` with ``E_e(x) = down_e(silu(gate_e x) * up_e x)``.
 
@@ -174,6 +216,20 @@ class MoE(MoELayer):
 
     ``backend``: ``None`` picks per call (``MOE_REPLAY_BACKEND``, else ``triton`` on CUDA, else
     ``torch``); a name requests that backend and raises if it cannot run on the input's device.
+
+    Expert parallelism (``ep_group``, a ``torch.distributed`` process group; every rank of it
+    constructs the layer together, with the same arguments): the router is replicated (broadcast
+    from the group's first rank at construction), ``experts`` holds this rank's balanced,
+    contiguous share (:attr:`local_experts`), and each rank calls the layer on its own tokens
+    (counts may differ, zero included) and its own forced ids, getting its own outputs: the
+    single-process layer's results on the ranks' tokens concatenated. ``ep_mode`` picks how rows
+    reach the experts: ``"allgather"`` (every rank sees every token; simple) or ``"alltoall"``
+    (each routed row goes only to its expert's owner; scales). See :mod:`moe_replay.parallel`.
+    Every forward and backward is then a collective: all ranks run them, also a rank with no
+    tokens, whose experts serve the others. Expert gradients land on the owning rank; the router's
+    gradient on each rank covers its own tokens only, so **all-reduce the router's gradients**
+    over the group (sum) before the optimiser step, as data parallelism would.
+    Tensors must be where the group's backend runs collectives: CPU for gloo, CUDA for NCCL.
     """
 
     def __init__(
@@ -182,6 +238,11 @@ class MoE(MoELayer):
         backend: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        ep_group: ProcessGroup | None = None,
+        ep_mode: str = "allgather",
     ) -> None:
-        super().__init__(cfg, backend, device)
-        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, device, dtype)
+        super().__init__(cfg, backend, device, ep_group, ep_mode)
+        first, count = self.local_experts
+        H, I, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+        self.experts = Experts(count, H, I, device, dtype, first_expert=first, num_global_experts=E)

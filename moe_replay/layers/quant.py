@@ -11,14 +11,26 @@ from torch import nn
 
 from moe_replay.backends.base import Backend, ExpertBuckets
 from moe_replay.layers.moe import MoE, MoELayer
+from moe_replay.parallel.state import keep_local_experts
 from moe_replay.quantize import WEIGHT_DTYPES, QuantizedWeight, quantize_weight
 from moe_replay.routing.route import Routing
 
 
 class QuantExperts(nn.Module):
-    """Quantized ``gate_up`` and ``down`` weights of E experts, kept as buffers."""
+    """Quantized ``gate_up`` and ``down`` weights of E experts, kept as buffers.
 
-    def __init__(self, gate_up: QuantizedWeight, down: QuantizedWeight) -> None:
+    Under expert parallelism, this rank's experts: global ids ``first_expert:first_expert + E`` of
+    ``num_global_experts`` (as :class:`moe_replay.layers.moe.Experts`).
+    """
+
+    def __init__(
+        self,
+        gate_up: QuantizedWeight,
+        down: QuantizedWeight,
+        *,
+        first_expert: int = 0,
+        num_global_experts: int | None = None,
+    ) -> None:
         super().__init__()
         self.weight_dtype = gate_up.weight_dtype
         self.gate_up_group_size = gate_up.group_size
@@ -27,6 +39,9 @@ class QuantExperts(nn.Module):
         self.register_buffer("gate_up_scale", gate_up.scale)
         self.register_buffer("down_qweight", down.qweight)
         self.register_buffer("down_scale", down.scale)
+        self.first_expert = first_expert
+        self.num_global_experts = self.num_experts if num_global_experts is None else num_global_experts
+        self.register_load_state_dict_pre_hook(keep_local_experts)
 
     @property
     def num_experts(self) -> int:
@@ -58,18 +73,23 @@ class QuantMoE(MoELayer):
 
     def __init__(self, moe: MoE, weight_dtype: str, group_size: int | None) -> None:
         cfg = moe.cfg
-        super().__init__(cfg, moe.backend, moe.router.weight.device)
+        ep_group, ep_mode = (None, "allgather") if moe.ep is None else (moe.ep.group, moe.ep.mode)
+        super().__init__(cfg, moe.backend, moe.router.weight.device, ep_group, ep_mode)
         self.router.load_state_dict(moe.router.state_dict())
         self.router.weight.requires_grad_(False)
         gate_up = quantize_weight(moe.experts.gate_up_proj, weight_dtype, group_size)
         down = quantize_weight(moe.experts.down_proj, weight_dtype, group_size)
-        self.experts = QuantExperts(gate_up, down)
+        first, _ = self.local_experts
+        self.experts = QuantExperts(gate_up, down, first_expert=first, num_global_experts=cfg.num_experts)
 
     @classmethod
     def from_float(cls, moe: MoE, weight_dtype: str = "int8", group_size: int | None = None) -> QuantMoE:
         """Quantize ``moe``'s experts: ``"int8"`` per output channel (``group_size`` must be None),
         or ``"int4"`` with one scale per ``group_size`` inputs (required; must divide both the
-        hidden and the intermediate size, and be even)."""
+        hidden and the intermediate size, and be even).
+
+        An expert-parallel ``moe`` gives an expert-parallel layer over the same group and mode,
+        holding the same experts (a collective: every rank of the group calls it together)."""
         if not isinstance(moe, MoE):
             raise TypeError(f"moe must be a moe_replay.MoE, got {type(moe).__name__}")
         if weight_dtype not in WEIGHT_DTYPES:

@@ -1,10 +1,35 @@
 """Dispatchers: how routed tokens reach their experts and come back.
 
-A dispatcher is ``dispatch(x_TH, routing, experts, backend) -> y_TH``. ``local_dispatch`` runs
-every expert in this process; expert-parallel dispatchers move rows between ranks around the
-same backend stages.
+A dispatcher is ``dispatch(x_TH, routing, experts, backend) -> y_TH`` (shape legend: T tokens,
+H hidden). ``local_dispatch`` runs every expert in this process. The expert-parallel dispatchers
+move rows between the ranks of a ``torch.distributed`` group around the same backend stages
+(dispatch, permute_rows, expert_mlp, combine), so every backend, and the bf16 and quantized
+layers alike, run under them unchanged:
+
+* ``allgather`` (:class:`AllGatherDispatcher`): all-gather every rank's tokens and routing, run
+  this rank's experts on all of them, reduce-scatter the partial sums back. Simple; each rank
+  handles every token.
+* ``alltoall`` (:class:`AllToAllDispatcher`): exchange row counts, send each routed row only to
+  the rank owning its expert, run the experts, send the outputs back, combine on the origin rank.
+  Each rank handles only its experts' rows: the scheme that scales.
+
+Experts are split by :func:`expert_offsets` (balanced, contiguous). Layers get expert parallelism
+through ``moe_replay.MoE(cfg, ep_group=group, ep_mode=...)``; see :mod:`.expert_parallel` for the
+construction-time checks and :mod:`.state` for checkpoints.
 """
 
+from moe_replay.parallel.allgather import AllGatherDispatcher
+from moe_replay.parallel.alltoall import AllToAllDispatcher
+from moe_replay.parallel.expert_parallel import EP_MODES, ExpertParallel
 from moe_replay.parallel.local import local_dispatch
+from moe_replay.parallel.partition import ExpertPartition, expert_offsets
 
-__all__ = ["local_dispatch"]
+__all__ = [
+    "EP_MODES",
+    "AllGatherDispatcher",
+    "AllToAllDispatcher",
+    "ExpertParallel",
+    "ExpertPartition",
+    "expert_offsets",
+    "local_dispatch",
+]

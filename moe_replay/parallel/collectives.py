@@ -1,0 +1,209 @@
+"""Row collectives with uneven counts over ``torch.distributed``, differentiable where it matters.
+
+Shape legend: W ranks of the group, M rows on this rank, S rows of all ranks together
+(``S = sum(counts)``), X the trailing shape of a row (any; ``[H]`` for tokens, ``[K]`` for routing).
+
+Every function here is a collective: each rank of ``group`` must call it, in the same order, with
+the same ``counts`` lists (the dispatchers exchange counts first, so all ranks agree). Tensors must
+live on a device the group's backend serves: CPU for gloo, the rank's CUDA device for NCCL
+(:func:`collective_device`, :func:`check_device`).
+
+Which primitives, and why (they must run on gloo, for CPU tests, and on NCCL):
+
+* all-gather of uneven rows: every rank pads its rows to ``max(counts)`` and calls the list form of
+  ``all_gather``, which both backends support for equal sizes; the padding is cut off after.
+* reduce-scatter of uneven rows: gloo has no reduce-scatter for uneven sizes (and older gloo none
+  at all), NCCL's needs equal sizes. ``all_to_all_single`` with uneven splits runs on both: each
+  rank sends every other rank that rank's rows, then sums the W received copies in float32 in rank
+  order. The traffic is that of a ring reduce-scatter; the sum is deterministic, and in float32
+  even for bf16 rows (NCCL would sum in bf16).
+* all-to-all of uneven rows: ``all_to_all_single`` with split sizes, on both backends.
+
+Backward passes are the adjoint collectives: all-gather <-> reduce-scatter, and all-to-all with
+the send and receive counts swapped. A rank whose rows are empty still takes part, forward and
+backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+
+def group_backend(group: ProcessGroup) -> str:
+    """The group's backend name as ``torch.distributed`` reports it (``"gloo"``, ``"nccl"``, ...)."""
+    return str(dist.get_backend(group))
+
+
+def collective_device(group: ProcessGroup) -> torch.device:
+    """Where this rank's tensors must be for ``group``'s collectives: CPU when the group has gloo,
+    else (NCCL) the current CUDA device."""
+    backend = group_backend(group)
+    if "gloo" in backend or "nccl" not in backend:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def check_device(group: ProcessGroup, device: torch.device, what: str) -> None:
+    """``ValueError`` unless ``group``'s backend runs collectives on tensors on ``device``."""
+    backend = group_backend(group)
+    serves = {"gloo": "cpu", "nccl": "cuda"}
+    if backend in serves and device.type != serves[backend]:
+        raise ValueError(
+            f"{what} is on {device}, but the expert-parallel group's backend {backend!r} runs "
+            f"collectives on {serves[backend]} tensors; use a {serves[backend]} input or a group of "
+            f"another backend"
+        )
+
+
+def all_gather_ints(values: Sequence[int], group: ProcessGroup, device: torch.device) -> list[list[int]]:
+    """Every rank's ``values`` (the same length on every rank), in rank order. One host sync."""
+    mine = torch.tensor(list(values), dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    return torch.stack(gathered).tolist()
+
+
+def _all_gather_rows(x_MX: torch.Tensor, counts: Sequence[int], group: ProcessGroup) -> torch.Tensor:
+    rank = dist.get_rank(group)
+    if x_MX.shape[0] != counts[rank]:
+        raise ValueError(f"this rank holds {x_MX.shape[0]} rows, counts says {counts[rank]}: {list(counts)}")
+    most = max(counts)
+    if most == 0:  # every rank knows every count, so all skip the call together
+        return x_MX.new_empty((0, *x_MX.shape[1:]))
+    padded = x_MX.new_zeros((most, *x_MX.shape[1:]))
+    padded[: x_MX.shape[0]] = x_MX
+    chunks = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(chunks, padded, group=group)
+    return torch.cat([chunk[:count] for chunk, count in zip(chunks, counts)])
+
+
+def _reduce_scatter_rows(x_SX: torch.Tensor, counts: Sequence[int], group: ProcessGroup) -> torch.Tensor:
+    if x_SX.shape[0] != sum(counts):
+        raise ValueError(
+            f"reduce-scatter of {x_SX.shape[0]} rows, counts sum to {sum(counts)}: {list(counts)}"
+        )
+    rank, world = dist.get_rank(group), len(counts)
+    mine = counts[rank]
+    received = x_SX.new_empty((world * mine, *x_SX.shape[1:]))
+    dist.all_to_all_single(received, x_SX.contiguous(), [mine] * world, list(counts), group=group)
+    return received.view(world, mine, *x_SX.shape[1:]).float().sum(dim=0).to(x_SX.dtype)
+
+
+def _all_to_all_rows(
+    x_NX: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int], group: ProcessGroup
+) -> torch.Tensor:
+    if x_NX.shape[0] != sum(send_counts):
+        raise ValueError(f"all-to-all of {x_NX.shape[0]} rows, send counts sum to {sum(send_counts)}")
+    out = x_NX.new_empty((sum(recv_counts), *x_NX.shape[1:]))
+    dist.all_to_all_single(out, x_NX.contiguous(), list(recv_counts), list(send_counts), group=group)
+    return out
+
+
+class _AllGatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, counts, group, *tensors):  # type: ignore[override]
+        ctx.counts, ctx.group = counts, group
+        ctx.floating = [t.is_floating_point() for t in tensors]
+        gathered = tuple(_all_gather_rows(t, counts, group) for t in tensors)
+        ctx.mark_non_differentiable(*(g for g in gathered if not g.is_floating_point()))
+        return gathered
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        # Every floating tensor's gradient is reduce-scattered, whether or not this rank needs it
+        # (zeros arrive for an unused output): every rank must run the same collectives.
+        scattered = (
+            _reduce_scatter_rows(grad.contiguous(), ctx.counts, ctx.group) if floating else None
+            for grad, floating in zip(grads, ctx.floating)
+        )
+        return None, None, *scattered
+
+
+class _ReduceScatterRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_SX, counts, group):  # type: ignore[override]
+        ctx.counts, ctx.group = counts, group
+        return _reduce_scatter_rows(x_SX, counts, group)
+
+    @staticmethod
+    def backward(ctx, grad_MX):  # type: ignore[override]
+        return _all_gather_rows(grad_MX.contiguous(), ctx.counts, ctx.group), None, None
+
+
+class _AllToAllRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_NX, send_counts, recv_counts, group):  # type: ignore[override]
+        ctx.send_counts, ctx.recv_counts, ctx.group = send_counts, recv_counts, group
+        return _all_to_all_rows(x_NX, send_counts, recv_counts, group)
+
+    @staticmethod
+    def backward(ctx, grad_MX):  # type: ignore[override]
+        return _all_to_all_rows(grad_MX, ctx.recv_counts, ctx.send_counts, ctx.group), None, None, None
+
+
+def all_gather_rows(
+    tensors: Sequence[torch.Tensor], counts: Sequence[int], group: ProcessGroup
+) -> tuple[torch.Tensor, ...]:
+    """For each ``[M, *X]`` tensor, ``[S, *X]``: the rows of every rank, in rank order (rank r
+    holds ``counts[r]`` rows).
+
+    Differentiable with respect to the floating-point tensors (integer ones come back
+    non-differentiable): the backward reduce-scatters each gradient, so each rank gets the sum
+    over ranks of its rows' gradients. The tensors go through one autograd node, so every rank
+    runs the backward's collectives in the same order.
+    """
+    return _AllGatherRows.apply(tuple(counts), group, *tensors)
+
+
+def reduce_scatter_rows(x_SX: torch.Tensor, counts: Sequence[int], group: ProcessGroup) -> torch.Tensor:
+    """``[counts[rank], *X]``: this rank's slice of the sum over ranks of ``x_SX`` (``S`` rows on
+    every rank, rank r's slice being rows ``sum(counts[:r]):sum(counts[:r + 1])``).
+
+    Sums in float32 in rank order, returns ``x_SX``'s dtype. Differentiable; the backward
+    all-gathers the gradient.
+    """
+    return _ReduceScatterRows.apply(x_SX, tuple(counts), group)
+
+
+def all_to_all_rows(
+    x_NX: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int], group: ProcessGroup
+) -> torch.Tensor:
+    """Send rows ``sum(send_counts[:r]):sum(send_counts[:r + 1])`` to rank r; receive
+    ``recv_counts[r]`` rows from rank r, concatenated in rank order (``[sum(recv_counts), *X]``).
+
+    ``recv_counts[r]`` here must equal rank r's ``send_counts[this rank]``. Differentiable; the
+    backward sends the gradients back the same way, counts swapped.
+    """
+    return _AllToAllRows.apply(x_NX, tuple(send_counts), tuple(recv_counts), group)
+
+
+def all_to_all_ints(
+    x_N: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int], group: ProcessGroup
+) -> torch.Tensor:
+    """:func:`all_to_all_rows` for metadata (counts, flags): not differentiable."""
+    return _all_to_all_rows(x_N, send_counts, recv_counts, group)
+
+
+def input_needs_grad(x: torch.Tensor) -> bool:
+    """Whether a backward pass will ask for ``x``'s gradient (grad mode on, ``x`` requires grad)."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def align_requires_grad(x: torch.Tensor, any_rank_needs_grad: bool) -> torch.Tensor:
+    """``x``, made to require grad when another rank's input does.
+
+    A collective's backward runs on a rank only if its forward output requires grad there; if one
+    rank's input requires grad and another's does not (a rank with no tokens often passes a fresh
+    empty tensor), the first would wait forever for the second in the backward. A detached leaf
+    that requires grad keeps the ranks in step; its gradient is thrown away.
+    """
+    if any_rank_needs_grad and torch.is_grad_enabled() and not x.requires_grad:
+        return x.detach().requires_grad_(True)
+    return x

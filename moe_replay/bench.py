@@ -1,0 +1,421 @@
+"""``moe-replay bench``: time the MoE layer against its baselines on one GPU.
+
+Every implementation runs the whole layer on the same bf16 weights, input and expert ids:
+router GEMM (float32) -> routing with the ids forced (our layers through ``mr.replay``; the
+baselines gather the softmax at the forced ids in plain PyTorch) -> experts -> combine.
+
+Implementations (``--impls``):
+  triton        moe_replay, triton backend, routing replayed from the trace
+  triton-router moe_replay, triton backend, the router's own choice (no replay): ``--routing router``
+                measures both on the same ids, which is the replay overhead
+  torch         moe_replay, torch reference backend
+  hf-eager      transformers ``Qwen3MoeExperts``, experts_implementation="eager"
+  hf-grouped_mm transformers ``Qwen3MoeExperts``, experts_implementation="grouped_mm"
+  grouped_mm    plain PyTorch: argsort -> torch._grouped_mm -> SwiGLU -> torch._grouped_mm -> index_add_
+  liger         Liger-Kernel's LigerFusedMoEFunction (needs liger-kernel; LIGER_FUSED_MOE_AUTOTUNE=0)
+
+Method (BENCHMARKS.md): warm-up first (compilation excluded), CUDA-event medians through
+``triton.testing.do_bench``; for T <= 64 ten calls with ten different routings are captured in a
+CUDA graph and its replays are timed (so weights are not re-read from L2). FLOPs are 6*T*K*H*I per
+forward and three times that for forward+backward; the floor is max(FLOPs / 790e12,
+bytes / 3.0e12) with bytes = active experts' weights + input + output (x3 for forward+backward).
+Max error is against the torch reference (float32 accumulation) on the same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import moe_replay as mr
+
+PEAK_FLOPS = 790e12  # bf16 dense, measured on these H100s (BENCHMARKS.md)
+PEAK_BYTES = 3.0e12  # device copy, read + write
+
+SHAPES: dict[str, dict] = {
+    "qwen3-30b-a3b": {"hidden_size": 2048, "num_experts": 128, "top_k": 8, "intermediate_size": 768},
+    "olmoe-1b-7b": {"hidden_size": 2048, "num_experts": 64, "top_k": 8, "intermediate_size": 1024, "norm_topk_prob": False},
+    "mixtral-8x7b": {"hidden_size": 4096, "num_experts": 8, "top_k": 2, "intermediate_size": 14336},
+    "deepseek-v3": {
+        "hidden_size": 7168, "num_experts": 256, "top_k": 8, "intermediate_size": 2048, "scoring": "sigmoid",
+        "score_bias": True, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
+    },
+}  # fmt: skip
+TOKENS = (1, 64, 512, 4096, 16384)
+IMPLS = ("triton", "triton-router", "torch", "hf-eager", "hf-grouped_mm", "grouped_mm", "liger")
+GRAPH_MAX_TOKENS = 64
+GRAPH_CALLS = 10
+# Implementations free of host synchronisation, hence capturable; the others are timed eagerly.
+GRAPH_SAFE = ("triton", "triton-router", "hf-grouped_mm")
+
+
+@dataclass
+class Result:
+    shape: str
+    tokens: int
+    routing: str
+    impl: str
+    fwd_ms: float | None = None
+    fwdbwd_ms: float | None = None
+    fwd_tflops: float | None = None
+    fwdbwd_tflops: float | None = None
+    fwd_floor_pct: float | None = None
+    fwdbwd_floor_pct: float | None = None
+    peak_mem_gib: float | None = None
+    max_abs_err: float | None = None
+    rel_err: float | None = None
+    timing: str = ""
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Routing inputs
+
+
+def make_ids(T: int, E: int, K: int, routing: str, generator: torch.Generator) -> torch.Tensor:
+    """``[T, K]`` distinct expert ids per row: uniform, or Zipf(s=1.2) over experts."""
+    if routing == "uniform":
+        probs = torch.ones(E)
+    elif routing == "zipf":
+        probs = 1.0 / torch.arange(1, E + 1, dtype=torch.float64).pow(1.2)
+        probs = probs[torch.randperm(E, generator=generator)].float()
+    else:
+        raise ValueError(f"routing must be 'uniform' or 'zipf', got {routing!r}")
+    return torch.multinomial(probs.expand(max(T, 1), E), K, replacement=False, generator=generator)[:T]
+
+
+# --------------------------------------------------------------------------------------------
+# Implementations: each returns a callable running one layer forward per routing set
+
+
+def _baseline_routing(
+    x: torch.Tensor, router_w: torch.Tensor, ids: torch.Tensor, cfg: mr.MoEConfig
+) -> torch.Tensor:
+    """Gate weights at forced ``ids`` in plain PyTorch (the baselines' router + replay)."""
+    logits = F.linear(x.float(), router_w)
+    scores = torch.softmax(logits, -1) if cfg.scoring == "softmax" else torch.sigmoid(logits)
+    w = scores.gather(1, ids)
+    if cfg.norm_topk_prob:
+        w = w / w.sum(-1, keepdim=True)
+    return w * cfg.routed_scaling_factor
+
+
+def _grouped_mm_pipeline(x, gate_up, down, ids, w):  # type: ignore[no-untyped-def]
+    T, K = ids.shape
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=gate_up.shape[0])
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    xs = x[order // K]
+    h = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)
+    g, u = h.chunk(2, dim=-1)
+    a = F.silu(g) * u
+    y = torch._grouped_mm(a, down.transpose(1, 2), offs=offs)
+    y = y * w.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
+    out = torch.zeros_like(x)
+    return out.index_add(0, order // K, y)
+
+
+def build_impl(impl: str, cfg: mr.MoEConfig, moe: mr.MoE, id_sets: list[torch.Tensor]) -> Callable:
+    """``run(xs) -> list of outputs``, one layer forward per routing set (all sharing weights)."""
+    if impl in ("triton", "torch", "triton-router"):
+        backend = "torch" if impl == "torch" else "triton"
+        layers = torch.nn.ModuleList()
+        for _ in id_sets:
+            layer = mr.MoE(cfg, backend=backend, device="meta")
+            layer.router, layer.experts = moe.router, moe.experts  # shared weights, separate routing sites
+            layers.append(layer)
+        if impl == "triton-router":
+            return lambda xs: [layer(x) for layer, x in zip(layers, xs)]
+        trace = mr.RoutingTrace(
+            {str(i): ids for i, ids in enumerate(id_sets)}, num_experts=cfg.num_experts, top_k=cfg.top_k
+        )
+        scope = mr.replay(layers, trace)
+        scope.__enter__()  # kept open for the whole measurement: first forward resolves, later reuse
+        run = lambda xs: [layer(x) for layer, x in zip(layers, xs)]
+        run.scope = scope  # type: ignore[attr-defined]
+        return run
+    router_w, gate_up, down = moe.router.weight, moe.experts.gate_up_proj, moe.experts.down_proj
+    if impl in ("hf-eager", "hf-grouped_mm"):
+        from transformers import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+        hf_cfg = Qwen3MoeConfig(
+            hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.intermediate_size,
+            num_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k,
+        )  # fmt: skip
+        hf_cfg._experts_implementation = impl.removeprefix("hf-")
+        with torch.device("meta"):
+            experts = Qwen3MoeExperts(hf_cfg)
+        experts.gate_up_proj, experts.down_proj = gate_up, down
+        return lambda xs: [
+            experts(x, ids, _baseline_routing(x, router_w, ids, cfg).to(x.dtype))
+            for x, ids in zip(xs, id_sets)
+        ]
+    if impl == "grouped_mm":
+        return lambda xs: [
+            _grouped_mm_pipeline(x, gate_up, down, ids, _baseline_routing(x, router_w, ids, cfg))
+            for x, ids in zip(xs, id_sets)
+        ]
+    if impl == "liger":
+        os.environ.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")
+        from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
+
+        ids32 = [ids.to(torch.int32) for ids in id_sets]
+        return lambda xs: [
+            LigerFusedMoEFunction.apply(
+                x, gate_up, down, ids, _baseline_routing(x, router_w, ids, cfg).to(x.dtype)
+            )
+            for x, ids in zip(xs, ids32)
+        ]
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+
+def _time(fn: Callable[[], object], use_graph: bool, calls: int) -> tuple[float, str]:
+    """Median ms of one call of ``fn`` (``fn`` itself runs ``calls`` layer forwards)."""
+    import triton.testing
+
+    if use_graph:
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+            return ms / calls, "cuda-graph"
+        except Exception as error:  # a baseline with host syncs cannot be captured: time it eagerly
+            torch.cuda.synchronize()
+            note = f"eager (graph capture failed: {type(error).__name__})"
+    else:
+        note = "eager"
+    ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    return ms / calls, note
+
+
+def measure(
+    shape: str, T: int, routing: str, impls: list[str], seed: int = 0, check: bool = True
+) -> list[Result]:
+    spec = SHAPES[shape]
+    cfg = mr.MoEConfig(**spec)
+    H, E, K, I = cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.intermediate_size
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    device = torch.device("cuda")
+    moe = mr.MoE(cfg, backend="triton", device=device, dtype=torch.bfloat16)
+    if cfg.score_bias:
+        moe.router.bias.normal_(0, 0.01)
+    calls = GRAPH_CALLS if T <= GRAPH_MAX_TOKENS else 1
+    xs = [torch.randn(T, H, device=device, dtype=torch.bfloat16) for _ in range(calls)]
+    dys = [torch.randn(T, H, device=device, dtype=torch.bfloat16) for _ in range(calls)]
+    if routing == "router":  # the router's own choice, recorded, so every impl sees those ids
+        with torch.no_grad():
+            id_sets = [moe(x, return_routing=True)[1].expert_ids.long() for x in xs]
+    else:
+        id_sets = [make_ids(T, E, K, routing, gen).to(device) for _ in range(calls)]
+    flops = 6.0 * T * K * H * I
+    active = torch.unique(torch.cat([ids.reshape(-1) for ids in id_sets])).numel() / calls if T else 0
+    weight_bytes = min(active * 3 * H * I * 2, E * 3 * H * I * 2)
+    floor_s = max(flops / PEAK_FLOPS, (weight_bytes + 2 * T * H * 2) / PEAK_BYTES)
+
+    reference = None
+    if check:
+        with torch.no_grad():
+            ref_layer = mr.MoE(cfg, backend="torch", device="meta")
+            ref_layer.router, ref_layer.experts = moe.router, moe.experts
+            reference = ref_layer(xs[0], forced_expert_ids=id_sets[0])
+
+    results = []
+    for impl in impls:
+        r = Result(shape=shape, tokens=T, routing=routing, impl=impl)
+        results.append(r)
+        if impl == "triton-router" and routing != "router":
+            r.error = "skipped: only with --routing router"
+            continue
+        try:
+            run = build_impl(impl, cfg, moe, id_sets)
+            params = [moe.router.weight, moe.experts.gate_up_proj, moe.experts.down_proj]
+            with torch.no_grad():
+                outs = run(xs)
+            if reference is not None:
+                diff = (outs[0].float() - reference.float()).abs()
+                r.max_abs_err = diff.max().item() if diff.numel() else 0.0
+                r.rel_err = (diff.norm() / reference.float().norm().clamp_min(1e-30)).item()
+            del outs
+
+            def fwd() -> None:
+                with torch.no_grad():
+                    run(xs)
+
+            xs_grad = [x.detach().requires_grad_() for x in xs]
+
+            def fwdbwd() -> None:
+                outs = run(xs_grad)
+                torch.autograd.backward(outs, dys, inputs=[*params, *xs_grad])
+
+            use_graph = T <= GRAPH_MAX_TOKENS and impl in GRAPH_SAFE
+            r.fwd_ms, r.timing = _time(fwd, use_graph, calls)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fwdbwd()
+            torch.cuda.synchronize()
+            r.peak_mem_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
+            for p in params:
+                p.grad = None
+            r.fwdbwd_ms, timing_bwd = _time(fwdbwd, use_graph, calls)
+            if timing_bwd != r.timing:
+                r.notes.append(f"fwd+bwd timed {timing_bwd}")
+            for p in [*params, *xs_grad]:
+                p.grad = None
+            if T:
+                r.fwd_tflops = flops / (r.fwd_ms * 1e-3) / 1e12
+                r.fwdbwd_tflops = 3 * flops / (r.fwdbwd_ms * 1e-3) / 1e12
+                r.fwd_floor_pct = 100 * floor_s / (r.fwd_ms * 1e-3)
+                r.fwdbwd_floor_pct = 100 * 3 * floor_s / (r.fwdbwd_ms * 1e-3)
+            if hasattr(run, "scope"):
+                run.scope.__exit__(None, None, None)
+        except Exception as error:
+            r.error = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            traceback.print_exc()
+            torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    return results
+
+
+def bench_routing_kernel(T: int = 4096, shape: str = "qwen3-30b-a3b") -> dict:
+    """The routing stage alone (logits -> ids, weights), triton kernel vs the torch reference."""
+    import triton.testing
+
+    cfg = mr.MoEConfig(**SHAPES[shape])
+    logits = torch.randn(T, cfg.num_experts, device="cuda")
+    bias = torch.randn(cfg.num_experts, device="cuda") * 0.01 if cfg.score_bias else None
+    out = {"shape": shape, "tokens": T}
+    for backend in ("triton", "torch"):
+        fn = lambda: mr.route(logits, cfg, bias=bias, backend=backend)  # noqa: B023
+        fn()
+        out[f"{backend}_us"] = 1e3 * triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(results: list[Result]) -> None:
+    head = f"{'shape':<14}{'T':>6} {'routing':<8}{'impl':<14}{'fwd ms':>9}{'f+b ms':>9}{'fwd TF/s':>9}{'f+b TF/s':>9}{'fwd %fl':>8}{'f+b %fl':>8}{'mem GiB':>8}{'max err':>9}  timing"
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        if r.error:
+            print(f"{r.shape:<14}{r.tokens:>6} {r.routing:<8}{r.impl:<14}  {r.error}")
+            continue
+        print(
+            f"{r.shape:<14}{r.tokens:>6} {r.routing:<8}{r.impl:<14}{_fmt(r.fwd_ms, '9.3f')}{_fmt(r.fwdbwd_ms, '9.3f')}"
+            f"{_fmt(r.fwd_tflops, '9.0f')}{_fmt(r.fwdbwd_tflops, '9.0f')}{_fmt(r.fwd_floor_pct, '8.0f')}"
+            f"{_fmt(r.fwdbwd_floor_pct, '8.0f')}{_fmt(r.peak_mem_gib, '8.2f')}{_fmt(r.max_abs_err, '9.2e')}  {r.timing}"
+        )
+
+
+def _csv(value: str) -> list[str]:
+    return [v for v in value.split(",") if v]
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shapes", type=_csv, default=list(SHAPES), help=f"comma-separated, from {list(SHAPES)}"
+    )
+    parser.add_argument(
+        "--tokens", type=_csv, default=[str(t) for t in TOKENS], help="comma-separated token counts"
+    )
+    parser.add_argument("--routing", type=_csv, default=["uniform", "zipf"], help="uniform,zipf,router")
+    parser.add_argument(
+        "--impls", type=_csv, default=list(IMPLS), help=f"comma-separated, from {list(IMPLS)}"
+    )
+    parser.add_argument("--routing-kernel", action="store_true", help="also time the routing stage alone")
+    parser.add_argument("--no-check", action="store_true", help="skip the error check against the reference")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--json", default=None, help="write results as JSON to this path (rewritten after each case)"
+    )
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        raise SystemExit("moe-replay bench needs a CUDA GPU")
+    for name in args.shapes:
+        if name not in SHAPES:
+            raise SystemExit(f"--shapes: unknown shape {name!r}; known: {list(SHAPES)}")
+    for impl in args.impls:
+        if impl not in IMPLS:
+            raise SystemExit(f"--impls: unknown implementation {impl!r}; known: {list(IMPLS)}")
+    env = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "cuda": torch.version.cuda,
+    }
+    try:
+        env["transformers"] = __import__("transformers").__version__
+    except ImportError:
+        pass
+    print(json.dumps(env))
+    results: list[Result] = []
+    extra: dict = {}
+    t0 = time.time()
+
+    def dump() -> None:
+        if args.json:
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"env": env, "results": [asdict(r) for r in results], **extra}, f, indent=1)
+            os.replace(tmp, args.json)
+
+    if args.routing_kernel:
+        extra["routing_kernel"] = [bench_routing_kernel(int(T), s) for s in args.shapes for T in (4096,)]
+        print(json.dumps(extra["routing_kernel"]))
+        dump()
+    for shape in args.shapes:
+        for T in (int(t) for t in args.tokens):
+            for routing in args.routing:
+                case = measure(shape, T, routing, args.impls, seed=args.seed, check=not args.no_check)
+                results.extend(case)
+                print_table(case)
+                print(f"  [{time.time() - t0:.0f}s]", flush=True)
+                dump()
+    print()
+    print_table(results)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_bench_arguments(parser)
+    return run_bench(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,306 @@
+"""Triton backend against the torch reference, stage by stage and as a layer.
+
+On a machine without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), at small sizes; on a GPU the same tests run on CUDA, and the ``gpu`` tests
+add realistic sizes, CUDA-graph capture and the no-host-sync guarantee.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import moe_replay as mr
+from moe_replay.backends.registry import get_backend
+
+triton = pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+TRITON = get_backend("triton", DEVICE)
+TORCH = get_backend("torch", DEVICE)
+
+# Relative Frobenius error of the triton backend against the float32 reference.
+# bf16: h, the pre-activations and each expert's output are rounded to bf16 (the reference keeps
+# float32 throughout), 3-4 roundings of 2**-9 each.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2.5e-2}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def random_forced(T: int, E: int, K: int, gen: torch.Generator, free: float = 0.5) -> torch.Tensor:
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]) if T else torch.zeros(0, K)
+    ids = ids.long()
+    ids[torch.rand(T, K, generator=gen) < free] = -1
+    return ids
+
+
+ROUTE_CASES = [
+    # (num_experts, top_k, extra config) — each line names the edge it covers
+    (8, 2, {}),  # softmax, normalised (Qwen3/Mixtral)
+    (8, 2, {"norm_topk_prob": False}),  # softmax, not normalised (OLMoE)
+    (7, 7, {}),  # top_k == num_experts, prime E
+    (
+        16,
+        4,
+        {
+            "scoring": "sigmoid",
+            "n_group": 4,
+            "topk_group": 2,
+            "score_bias": True,
+            "routed_scaling_factor": 2.5,
+        },
+    ),  # DeepSeek-V3
+    (16, 4, {"scoring": "sigmoid", "norm_topk_prob": False}),  # sigmoid, not normalised
+    (12, 3, {"n_group": 6, "topk_group": 2}),  # groups without bias, non-power-of-2 group count
+    (6, 1, {"n_group": 6, "topk_group": 3}),  # groups of one expert
+    (33, 5, {"score_bias": True}),  # softmax + bias, E just over a power of 2
+]
+
+
+@pytest.mark.parametrize("E,K,extra", ROUTE_CASES)
+@pytest.mark.parametrize("forced", [False, True])
+def test_route_matches_reference(E: int, K: int, extra: dict, forced: bool) -> None:
+    gen = torch.Generator().manual_seed(E * 100 + K)
+    cfg = mr.MoEConfig(num_experts=E, top_k=K, hidden_size=4, intermediate_size=4, **extra)
+    T = 37  # not a multiple of the kernel's row block
+    logits = torch.randn(T, E, generator=gen).to(DEVICE).requires_grad_()
+    bias = (torch.randn(E, generator=gen) * 0.1).to(DEVICE) if cfg.score_bias else None
+    forced_ids = random_forced(T, E, K, gen).to(DEVICE) if forced else None
+    got = mr.route(logits, cfg, forced_ids, bias, backend="triton")
+    want = mr.route(logits, cfg, forced_ids, bias, backend="torch")
+    assert got.expert_ids.dtype == torch.int32
+    assert torch.equal(got.expert_ids, want.expert_ids)
+    torch.testing.assert_close(got.weights, want.weights, rtol=1e-5, atol=1e-6)
+    upstream = torch.randn(T, K, generator=gen).to(DEVICE)
+    (g_got,) = torch.autograd.grad((got.weights * upstream).sum(), logits)
+    (g_want,) = torch.autograd.grad((want.weights * upstream).sum(), logits)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
+
+
+def test_route_zero_tokens_and_underflow() -> None:
+    cfg = mr.MoEConfig(num_experts=8, top_k=2, hidden_size=4, intermediate_size=4)
+    empty = mr.route(torch.zeros(0, 8, device=DEVICE), cfg, backend="triton")
+    assert empty.expert_ids.shape == (0, 2) and empty.weights.shape == (0, 2)
+    # Expert 7 is forced with a logit 500 below the best: its softmax underflows to 0.
+    logits = torch.zeros(3, 8, device=DEVICE)
+    logits[:, 0] = 500.0
+    logits.requires_grad_()
+    forced = torch.tensor([[7, -1]] * 3, device=DEVICE)
+    r = mr.route(logits, cfg, forced, backend="triton")
+    assert r.expert_ids[:, 0].tolist() == [7, 7, 7] and r.expert_ids[:, 1].tolist() == [0, 0, 0]
+    assert torch.isfinite(r.weights).all()
+    (g,) = torch.autograd.grad(r.weights[:, 0].sum(), logits)
+    assert torch.isfinite(g).all()
+
+
+def test_route_validate_false_never_goes_out_of_bounds() -> None:
+    cfg = mr.MoEConfig(num_experts=4, top_k=2, hidden_size=4, intermediate_size=4)
+    logits = torch.randn(3, 4, device=DEVICE)
+    bad = torch.tensor([[9, -1], [-7, 1], [2, 2]], device=DEVICE)  # too large, too small, repeated
+    r = mr.route(logits, cfg, bad, validate=False, backend="triton")
+    ref = mr.route(logits, cfg, bad, validate=False, backend="torch")
+    assert ((r.expert_ids >= 0) & (r.expert_ids < 4)).all()
+    assert torch.equal(r.expert_ids, ref.expert_ids)  # out-of-range ids act as free slots in both
+    assert r.expert_ids[2].tolist() == [2, 2]  # repeats stay repeated: the caller skipped validation
+
+
+DISPATCH_CASES = [
+    (7, 2, 4),  # fewer slots than one block
+    (300, 3, 5),  # several blocks, a partial last block
+    (1, 1, 1),  # one token, one expert
+    (0, 2, 3),  # no tokens
+    (129, 8, 16),  # top_k 8, 1032 slots
+    (50, 1, 64),  # most experts idle (R = 1: expert-parallel regrouping)
+]
+
+
+@pytest.mark.parametrize("M,R,E", DISPATCH_CASES)
+def test_dispatch_equals_stable_argsort(M: int, R: int, E: int) -> None:
+    gen = torch.Generator().manual_seed(M + R + E)
+    ids = random_forced(M, E, R, gen, free=0.0).to(DEVICE)
+    got, want = TRITON.dispatch(ids, E), TORCH.dispatch(ids, E)
+    assert torch.equal(got.offsets_E1, want.offsets_E1)
+    assert torch.equal(got.row_of_slot_N, want.row_of_slot_N)
+    assert torch.equal(got.slot_of_row_MR, want.slot_of_row_MR)
+
+
+def test_dispatch_all_tokens_on_one_expert() -> None:
+    ids = torch.full((200, 1), 3, device=DEVICE)
+    b = TRITON.dispatch(ids, 5)
+    assert b.offsets_E1.tolist() == [0, 0, 0, 0, 200, 200]
+    assert b.row_of_slot_N.tolist() == list(range(200))
+
+
+LAYER_CASES = [
+    # (T, E, K, H, I)
+    (7, 4, 2, 32, 48),  # T < BLOCK_M, I not a multiple of the column tile
+    (33, 6, 6, 48, 40),  # top_k == num_experts, H not a multiple of BLOCK_K
+    (1, 5, 1, 16, 16),  # one token: four idle experts
+    (40, 3, 1, 64, 32),  # several row tiles per expert
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,E,K,H,I", LAYER_CASES)
+def test_layer_forward_backward_matches_reference(T, E, K, H, I, dtype) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(T * 7 + E)
+    cfg = mr.MoEConfig(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I)
+    ref = mr.MoE(cfg, backend="torch", device=DEVICE, dtype=dtype)
+    tri = mr.MoE(cfg, backend="triton", device=DEVICE, dtype=dtype)
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(T, H, device=DEVICE, dtype=dtype)
+    dy = torch.randn(T, H, device=DEVICE, dtype=dtype)
+    forced = random_forced(T, E, K, torch.Generator().manual_seed(1)).to(DEVICE)
+    results = []
+    for layer in (ref, tri):
+        xg = x.clone().requires_grad_()
+        y, routing = layer(xg, forced_expert_ids=forced, return_routing=True)
+        y.backward(dy)
+        results.append((y, routing.expert_ids, xg.grad, [p.grad for p in layer.parameters()]))
+    (y_r, ids_r, dx_r, grads_r), (y_t, ids_t, dx_t, grads_t) = results
+    assert torch.equal(ids_t, ids_r)
+    assert y_t.dtype == dtype
+    tol = TOL[dtype]
+    assert rel(y_t, y_r) < tol
+    assert rel(dx_t, dx_r) < tol
+    for g_t, g_r in zip(grads_t, grads_r):
+        assert rel(g_t, g_r) < tol
+
+
+def test_layer_zero_tokens_and_3d_input() -> None:
+    cfg = mr.MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=16)
+    tri = mr.MoE(cfg, backend="triton", device=DEVICE)
+    ref = mr.MoE(cfg, backend="torch", device=DEVICE)
+    ref.load_state_dict(tri.state_dict())
+    assert tri(torch.zeros(0, 16, device=DEVICE)).shape == (0, 16)
+    x = torch.randn(2, 3, 16, device=DEVICE)
+    assert rel(tri(x), ref(x)) < TOL[torch.float32]
+
+
+def test_expert_mlp_idle_experts_get_zero_gradient() -> None:
+    torch.manual_seed(0)
+    E, H, I = 5, 16, 32
+    x = torch.randn(6, H, device=DEVICE)
+    ids = torch.tensor([[1], [1], [3], [1], [3], [3]], device=DEVICE)
+    w1 = torch.randn(E, 2 * I, H, device=DEVICE, requires_grad=True)
+    w2 = torch.randn(E, H, I, device=DEVICE, requires_grad=True)
+    buckets = TRITON.dispatch(ids, E)
+    TRITON.expert_mlp(x, buckets, w1, w2).sum().backward()
+    for e in (0, 2, 4):
+        assert w1.grad[e].abs().sum() == 0 and w2.grad[e].abs().sum() == 0
+    assert w1.grad[1].abs().sum() > 0 and w2.grad[3].abs().sum() > 0
+
+
+def test_permute_rows_and_its_backward() -> None:
+    gen = torch.Generator().manual_seed(3)
+    ids = random_forced(9, 6, 3, gen, free=0.0).to(DEVICE)
+    x = torch.randn(9, 20, device=DEVICE, requires_grad=True)
+    buckets = TRITON.dispatch(ids, 6)
+    out = TRITON.permute_rows(x, buckets)
+    torch.testing.assert_close(out, TORCH.permute_rows(x, buckets))
+    upstream = torch.randn_like(out)
+    (g,) = torch.autograd.grad((out * upstream).sum(), x)
+    (g_ref,) = torch.autograd.grad((TORCH.permute_rows(x, buckets) * upstream).sum(), x)
+    torch.testing.assert_close(g, g_ref)
+
+
+def test_replay_uses_triton_routing() -> None:
+    cfg = mr.MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=16)
+    layer = mr.MoE(cfg, backend="triton", device=DEVICE)
+    x = torch.randn(5, 16, device=DEVICE)
+    with mr.record(layer) as trace:
+        layer(x)
+    with torch.no_grad():
+        layer.router.weight.add_(torch.randn_like(layer.router.weight))
+    with mr.replay(layer, trace):
+        _, routing = layer(x, return_routing=True)
+    assert torch.equal(routing.expert_ids.cpu(), trace[""].cpu().to(torch.int32))
+
+
+def test_mismatched_dtypes_raise() -> None:
+    cfg = mr.MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=16)
+    layer = mr.MoE(cfg, backend="triton", device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="one dtype"):
+        layer(torch.randn(3, 16, device=DEVICE))
+
+
+# ------------------------------------------------------------------------------------------
+# Real GPU only: sizes the interpreter cannot afford, CUDA graphs, no host synchronisation.
+
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "T,E,K,H,I,extra",
+    [
+        (512, 128, 8, 2048, 768, {}),  # Qwen3-30B-A3B
+        (300, 64, 8, 1024, 1024, {"norm_topk_prob": False}),  # OLMoE-like, T not a tile multiple
+        (
+            256,
+            256,
+            8,
+            1024,
+            512,
+            {"scoring": "sigmoid", "score_bias": True, "n_group": 8, "topk_group": 4},
+        ),  # DSv3-like
+        (2048, 8, 2, 1024, 1792, {}),  # Mixtral-like: many rows per expert
+        (1, 128, 8, 2048, 768, {}),  # decode
+    ],
+)
+def test_gpu_layer_matches_reference(T, E, K, H, I, extra) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    cfg = mr.MoEConfig(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, **extra)
+    tri = mr.MoE(cfg, backend="triton", device="cuda", dtype=torch.bfloat16)
+    ref = mr.MoE(cfg, backend="torch", device="cuda", dtype=torch.bfloat16)
+    ref.load_state_dict(tri.state_dict())
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    outs = []
+    for layer in (ref, tri):
+        xg = x.clone().requires_grad_()
+        y, routing = layer(xg, return_routing=True)
+        y.backward(dy)
+        outs.append((y, routing.expert_ids, xg.grad, [p.grad for p in layer.parameters()]))
+    (y_r, ids_r, dx_r, g_r), (y_t, ids_t, dx_t, g_t) = outs
+    assert torch.equal(ids_t, ids_r)
+    assert rel(y_t, y_r) < TOL[torch.bfloat16]
+    assert rel(dx_t, dx_r) < TOL[torch.bfloat16]
+    for a, b in zip(g_t, g_r):
+        assert rel(a, b) < TOL[torch.bfloat16]
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_replayed_forward_has_no_host_sync_and_captures_in_a_graph() -> None:
+    cfg = mr.MoEConfig(num_experts=128, top_k=8, hidden_size=2048, intermediate_size=768)
+    layer = mr.MoE(cfg, backend="triton", device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad(), mr.record(layer) as trace:
+        eager = layer(x)
+    with torch.no_grad(), mr.replay(layer, trace):
+        layer(x)  # first forward resolves the ids
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            layer(x)  # raises if anything synchronises with the host
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = layer(x)
+        graph.replay()
+    torch.testing.assert_close(captured, eager)

@@ -6,6 +6,8 @@ Shape legend: M input rows, N routed rows (bucket order), E experts, H hidden, I
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -22,12 +24,15 @@ def expert_mlp(
     x_MH: torch.Tensor, buckets: ExpertBuckets, w_gate_up_E2IH: torch.Tensor, w_down_EHI: torch.Tensor
 ) -> torch.Tensor:
     """Float32 ``y_NH`` in bucket order. Every expert runs, also with no rows, so every expert
-    weight gets a gradient (zeros for an idle expert) once the output is used."""
-    x_NH = x_MH[buckets.row_of_slot_N.long()]
+    weight gets a gradient (zeros for an idle expert) once the output is used.
+
+    x is upcast before the gather so that the backward sums each row's K reads in float32 and
+    rounds once (bf16 sums of K=3 reads erred by up to 12% where the reads cancel)."""
+    x_NH = x_MH.float()[buckets.row_of_slot_N.long()]
     bounds = buckets.offsets_E1.tolist()
     outputs = [
         swiglu_mlp(x_NH[lo:hi], w_gate_up_E2IH[e], w_down_EHI[e])
-        for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
+        for e, (lo, hi) in enumerate(itertools.pairwise(bounds))
     ]
     if not outputs:  # no local experts (expert parallelism can leave a rank without any)
         return torch.zeros(x_NH.shape[0], w_down_EHI.shape[1], dtype=torch.float32, device=x_MH.device)

@@ -59,8 +59,10 @@ def record(model: nn.Module) -> Iterator[RoutingTrace]:
     sites = _sites(model)
     shapes = {(site.num_experts, site.top_k) for _, site in sites}
     if len(shapes) != 1:
-        raise ValueError(f"record needs every routing site to share (num_experts, top_k), got {sorted(shapes)}")
-    (num_experts, top_k), = shapes
+        raise ValueError(
+            f"record needs every routing site to share (num_experts, top_k), got {sorted(shapes)}"
+        )
+    ((num_experts, top_k),) = shapes
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name, _ in sites}
     installed = []
     for name, site in sites:
@@ -78,12 +80,17 @@ def record(model: nn.Module) -> Iterator[RoutingTrace]:
 
 
 def _check_trace_fits(name: str, site: RoutingSite, trace: RoutingTrace) -> None:
+    """``ValueError`` naming the layer and both shapes unless ``trace[name]`` can drive ``site``.
+
+    The token count is checked at the layer's first forward, when it is known.
+    """
+    ids = trace[name]
     if trace.top_k != site.top_k or trace.num_experts != site.num_experts:
         raise ValueError(
-            f"layer {name!r} routes top_k={site.top_k} of num_experts={site.num_experts}, "
-            f"the trace holds top_k={trace.top_k} of num_experts={trace.num_experts}"
+            f"layer {name!r} routes top_k={site.top_k} of num_experts={site.num_experts} (ids [..., "
+            f"{site.top_k}]), the trace holds ids of shape {list(ids.shape)} (top_k={trace.top_k}) "
+            f"of num_experts={trace.num_experts}"
         )
-    ids = trace[name]
     cfg = MoEConfig(num_experts=site.num_experts, top_k=site.top_k, hidden_size=1, intermediate_size=1)
     flat = ids.reshape(-1, site.top_k)
     check_forced_ids(flat, flat.shape[0], cfg, validate=True, name=f"trace layer {name!r}")
@@ -97,8 +104,15 @@ def replay(model: nn.Module, trace: RoutingTrace | None, *, strict: bool = True)
     ``trace`` ids force experts slot by slot (``-1``: the router decides, without duplicates).
     ``trace=None`` freezes routing: the router decides on the first forward, recompute reuses it.
     With ``strict`` (default), a model layer missing from the trace, or a trace layer missing
-    from the model, is a ``ValueError``; with ``strict=False`` a missing layer is frozen instead.
-    Run backward inside the scope, so checkpointed layers recompute with the same routing.
+    from the model, is a ``ValueError``; with ``strict=False`` a missing layer is frozen instead
+    and trace layers the model lacks are not used (a trace sharing no layer with the model is
+    still an error). Run backward inside the scope, so checkpointed layers recompute with the
+    same routing.
+
+    Checked on entry (``ValueError`` naming the layer): ``top_k`` and ``num_experts`` of every
+    traced layer, ids in range and distinct within a row. Checked at each layer's first forward:
+    the token count (and the token shape when the trace and the input have the same number of
+    token axes). Replay scopes do not nest; ``record`` may be nested inside one.
     """
     if trace is not None and not isinstance(trace, RoutingTrace):
         raise TypeError(f"trace must be a moe_replay.RoutingTrace or None, got {type(trace).__name__}")
@@ -115,6 +129,12 @@ def replay(model: nn.Module, trace: RoutingTrace | None, *, strict: bool = True)
                 f"trace and model disagree: layers missing from the trace: {sorted(missing)}; "
                 f"trace layers not in the model: {sorted(extra)} (pass strict=False to let the router "
                 "decide the missing layers)"
+            )
+        if len(trace) and len(missing) == len(names):
+            raise ValueError(
+                f"no layer of the trace is a routing site of the model: trace layers {trace.layer_names[:4]}"
+                f"{'...' if len(trace) > 4 else ''}, model layers {sorted(names)[:4]}"
+                f"{'...' if len(names) > 4 else ''} (was the trace recorded on another model?)"
             )
         for name, site in sites:
             if name in trace:

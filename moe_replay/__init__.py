@@ -24,12 +24,24 @@ from typing import TYPE_CHECKING, Any
 
 from moe_replay.config import MoEConfig
 from moe_replay.layers import MoE, QuantMoE
-from moe_replay.routing import Routing, RoutingTrace, record, replay, route
+from moe_replay.routing import CompareReport, Routing, RoutingTrace, compare, record, replay, route
 
 if TYPE_CHECKING:
     from moe_replay.integrations import hf
 
-__all__ = ["MoE", "MoEConfig", "QuantMoE", "Routing", "RoutingTrace", "hf", "record", "replay", "route"]
+__all__ = [
+    "CompareReport",
+    "MoE",
+    "MoEConfig",
+    "QuantMoE",
+    "Routing",
+    "RoutingTrace",
+    "compare",
+    "hf",
+    "record",
+    "replay",
+    "route",
+]
 __version__ = "0.1.0"
 
 

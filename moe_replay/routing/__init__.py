@@ -1,7 +1,29 @@
 """Routing: ``route`` (ids and weights from logits), routing sites, ``record``/``replay``, traces."""
 
+from moe_replay.routing.compare import CompareReport, LayerMismatch, compare
 from moe_replay.routing.context import record, replay
+from moe_replay.routing.engines import (
+    batch_trace,
+    engine_layer_map,
+    sequence_routes,
+    sglang_routes,
+    vllm_routes,
+)
 from moe_replay.routing.route import Routing, route
 from moe_replay.routing.trace import RoutingTrace
 
-__all__ = ["Routing", "RoutingTrace", "record", "replay", "route"]
+__all__ = [
+    "CompareReport",
+    "LayerMismatch",
+    "Routing",
+    "RoutingTrace",
+    "batch_trace",
+    "compare",
+    "engine_layer_map",
+    "record",
+    "replay",
+    "route",
+    "sequence_routes",
+    "sglang_routes",
+    "vllm_routes",
+]

@@ -79,7 +79,12 @@ def check_bias(bias: torch.Tensor | None, cfg: MoEConfig) -> None:
 
 
 def check_forced_ids(
-    forced_TK: torch.Tensor, num_tokens: int, cfg: MoEConfig, *, validate: bool, name: str = "forced_expert_ids"
+    forced_TK: torch.Tensor,
+    num_tokens: int,
+    cfg: MoEConfig,
+    *,
+    validate: bool,
+    name: str = "forced_expert_ids",
 ) -> None:
     """Raise ``ValueError`` naming the first bad row of ``forced_TK``.
 
@@ -97,19 +102,17 @@ def check_forced_ids(
     if not validate or num_tokens == 0:
         return
     ids = forced_TK.long()
-    out_of_range = (ids < -1) | (ids >= cfg.num_experts)
-    bad_rows = out_of_range.any(dim=1).nonzero()
-    if bad_rows.numel():
-        row = int(bad_rows[0])
-        raise ValueError(
-            f"{name} row {row} holds {ids[row].tolist()}: ids must be -1 (free) or in "
-            f"[0, {cfg.num_experts})"
-        )
+    out_of_range_T = ((ids < -1) | (ids >= cfg.num_experts)).any(dim=1)
     sorted_ids = ids.sort(dim=1).values
-    repeated = (sorted_ids[:, 1:] == sorted_ids[:, :-1]) & (sorted_ids[:, 1:] >= 0)
-    bad_rows = repeated.any(dim=1).nonzero()
+    repeated_T = ((sorted_ids[:, 1:] == sorted_ids[:, :-1]) & (sorted_ids[:, 1:] >= 0)).any(dim=1)
+    bad_rows = (out_of_range_T | repeated_T).nonzero()  # one sync; the first bad row of either kind
     if bad_rows.numel():
         row = int(bad_rows[0])
+        if out_of_range_T[row]:
+            raise ValueError(
+                f"{name} row {row} holds {ids[row].tolist()}: ids must be -1 (free) or in "
+                f"[0, {cfg.num_experts})"
+            )
         raise ValueError(f"{name} row {row} holds {ids[row].tolist()}: an expert is repeated within the row")
 
 

@@ -122,8 +122,12 @@ DISPATCH_CASES = [
 ]
 
 
+@pytest.mark.parametrize("single_launch", [True, False])  # the small-N kernel, and count/scan/scatter
 @pytest.mark.parametrize("M,R,E", DISPATCH_CASES)
-def test_dispatch_equals_stable_argsort(M: int, R: int, E: int) -> None:
+def test_dispatch_equals_stable_argsort(M: int, R: int, E: int, single_launch: bool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from moe_replay.backends.triton import dispatch as triton_dispatch
+
+    monkeypatch.setattr(triton_dispatch, "SMALL_N", 10**9 if single_launch else 0)
     gen = torch.Generator().manual_seed(M + R + E)
     ids = random_forced(M, E, R, gen, free=0.0).to(DEVICE)
     got, want = TRITON.dispatch(ids, E), TORCH.dispatch(ids, E)

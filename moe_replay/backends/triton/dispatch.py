@@ -15,6 +15,10 @@ captured in a CUDA graph:
 
 Ranks follow slot order inside a block and blocks are laid out in order, so buckets hold their
 slots in ascending order: the same permutation as a stable argsort (the reference), bit for bit.
+
+Up to ``SMALL_N`` slots (decode: T <= 64 at top-8) one program does all three steps in one launch,
+walking the blocks in order with a running count per expert: at these sizes launches, not work,
+are the cost.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from moe_replay.backends.triton._common import pow2
 
 BLOCK = 128  # slots per block: the rank step compares BLOCK x BLOCK ids in registers
 SCAN = 1024  # blocks per step of the per-expert scan
+SMALL_N = 1024  # up to this many slots, the single-launch kernel
 
 
 @triton.jit
@@ -77,6 +82,32 @@ def _scatter_kernel(
     tl.store(row_of_slot_ptr + sorted_pos, slots // R, mask=ok)
 
 
+@triton.jit
+def _dispatch_small_kernel(
+    ids_ptr, row_of_slot_ptr, slot_of_row_ptr, offsets_ptr, N, R, E, BLOCK: tl.constexpr, E_PAD: tl.constexpr
+):
+    experts = tl.arange(0, E_PAD)
+    local = tl.arange(0, BLOCK)
+    totals = tl.zeros([E_PAD], tl.int32)
+    for start in range(0, N, BLOCK):
+        ids = tl.load(ids_ptr + start + local, mask=start + local < N, other=0)
+        totals += tl.histogram(ids, E_PAD, mask=(start + local < N) & (ids >= 0) & (ids < E))
+    ends = tl.cumsum(totals, 0)
+    tl.store(offsets_ptr, 0)
+    tl.store(offsets_ptr + 1 + experts, ends, mask=experts < E)
+    next_slot = ends - totals  # per expert: where its next slot goes
+    for start in range(0, N, BLOCK):
+        slots = start + local
+        ids = tl.load(ids_ptr + slots, mask=slots < N, other=-1)
+        ok = (slots < N) & (ids >= 0) & (ids < E)
+        one_hot = ids[:, None] == experts[None, :]
+        earlier_same = (ids[:, None] == ids[None, :]) & (local[None, :] < local[:, None])
+        sorted_pos = tl.sum(tl.where(one_hot, next_slot[None, :], 0), 1) + tl.sum(earlier_same.to(tl.int32), 1)
+        tl.store(slot_of_row_ptr + slots, sorted_pos, mask=ok)
+        tl.store(row_of_slot_ptr + sorted_pos, slots // R, mask=ok)
+        next_slot += tl.histogram(ids, E_PAD, mask=ok)
+
+
 def dispatch(expert_ids_MR: torch.Tensor, num_experts: int) -> ExpertBuckets:
     """Stable grouping of ``expert_ids_MR`` (ids in ``[0, E)``) by expert; see the module docstring."""
     M, R = expert_ids_MR.shape
@@ -87,7 +118,11 @@ def dispatch(expert_ids_MR: torch.Tensor, num_experts: int) -> ExpertBuckets:
     row_of_slot_N = torch.empty(N, dtype=torch.int32, device=device)
     slot_of_row_N = torch.empty(N, dtype=torch.int32, device=device)
     offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.int32, device=device)
-    if N:
+    if 0 < N <= SMALL_N:
+        _dispatch_small_kernel[(1,)](
+            ids_N, row_of_slot_N, slot_of_row_N, offsets_E1, N, R, num_experts, BLOCK=BLOCK, E_PAD=e_pad
+        )
+    elif N:
         counts_BE = torch.empty(num_blocks, e_pad, dtype=torch.int32, device=device)
         base_BE = torch.empty_like(counts_BE)
         totals_E = torch.zeros(e_pad, dtype=torch.int32, device=device)

@@ -228,6 +228,14 @@ def _row_tiles(num_rows: int, num_experts: int) -> dict:
     return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
 
 
+def _gate_up_tiles(num_rows: int, num_experts: int) -> dict:
+    """Like ``_row_tiles`` with the column tile halved: each tile keeps two accumulators."""
+    cfg = _row_tiles(num_rows, num_experts)
+    if cfg["BLOCK_M"] >= 64:
+        cfg["BLOCK_N"] //= 2
+    return cfg
+
+
 def _wgrad_tiles() -> dict:
     if interpreting():
         return {"BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
@@ -235,7 +243,11 @@ def _wgrad_tiles() -> dict:
 
 
 def gate_up_fwd(
-    x_MH: torch.Tensor, buckets: ExpertBuckets, w_gate_up_E2IH: torch.Tensor, save_gu: bool
+    x_MH: torch.Tensor,
+    buckets: ExpertBuckets,
+    w_gate_up_E2IH: torch.Tensor,
+    save_gu: bool,
+    tiles: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     N, E = buckets.num_slots, buckets.num_experts
     H, I = x_MH.shape[1], w_gate_up_E2IH.shape[1] // 2
@@ -243,8 +255,8 @@ def gate_up_fwd(
     gu_N2I = torch.empty(N, 2 * I, dtype=x_MH.dtype, device=x_MH.device) if save_gu else None
     if N == 0:
         return h_NI, gu_N2I
-    cfg = _row_tiles(N, E)
-    block_n = cfg["BLOCK_N"] // 2 if cfg["BLOCK_M"] >= 64 else cfg["BLOCK_N"]  # two accumulators per tile
+    cfg = tiles or _gate_up_tiles(N, E)
+    block_n = cfg["BLOCK_N"]
     grid = (triton.cdiv(I, block_n), max_row_tiles(N, E, cfg["BLOCK_M"]))
     _gate_up_kernel[grid](
         x_MH, buckets.row_of_slot_N, buckets.offsets_E1, w_gate_up_E2IH, h_NI, gu_N2I if save_gu else h_NI,
@@ -263,6 +275,7 @@ def grouped_linear(
     w_strides_enk: tuple[int, int, int],
     n_out: int,
     gu_N2I: torch.Tensor | None = None,
+    tiles: dict | None = None,
 ) -> torch.Tensor:
     """``out[n] = a[n] @ W_e^T`` where ``W_e[j, k] = w_E[e*s_e + j*s_n + k*s_k]`` is ``[n_out, K]``.
 
@@ -274,7 +287,7 @@ def grouped_linear(
     out = torch.empty(N, width, dtype=a_NK.dtype, device=a_NK.device)
     if N == 0:
         return out
-    cfg = _row_tiles(N, E)
+    cfg = tiles or _row_tiles(N, E)
     grid = (triton.cdiv(n_out, cfg["BLOCK_N"]), max_row_tiles(N, E, cfg["BLOCK_M"]))
     _grouped_linear_kernel[grid](
         a_NK, buckets.offsets_E1, w_E, out, gu_N2I if gu_N2I is not None else out,
@@ -287,14 +300,19 @@ def grouped_linear(
 
 
 def grouped_wgrad(
-    a_NP: torch.Tensor, b_MQ: torch.Tensor, buckets: ExpertBuckets, gather_b: bool, dtype: torch.dtype
+    a_NP: torch.Tensor,
+    b_MQ: torch.Tensor,
+    buckets: ExpertBuckets,
+    gather_b: bool,
+    dtype: torch.dtype,
+    tiles: dict | None = None,
 ) -> torch.Tensor:
     """``dW[e] = sum over e's rows n of a[n]^T b[src(n)]``, ``[E, P, Q]`` (src = row_of_slot if gathered)."""
     P, Q, E = a_NP.shape[1], b_MQ.shape[1], buckets.num_experts
     dw = torch.empty(E, P, Q, dtype=dtype, device=a_NP.device)
     if E == 0:
         return dw
-    cfg = _wgrad_tiles()
+    cfg = tiles or _wgrad_tiles()
     grid = (triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(Q, cfg["BLOCK_Q"]), E)
     _grouped_wgrad_kernel[grid](
         a_NP, b_MQ, buckets.row_of_slot_N, buckets.offsets_E1, dw, P, Q, a_NP.stride(0), b_MQ.stride(0),

@@ -90,9 +90,9 @@ def _route_fwd_kernel(
         for _ in tl.static_range(TOPK_GROUP):
             top = tl.max(group_score, 1)
             first = tl.min(tl.where(group_score == top[:, None], cols[None, :], E_PAD), 1)
-            chosen = group_of[None, :] == (first // GROUP_SIZE)[:, None]
-            keep = keep | chosen
-            group_score = tl.where(chosen, float("-inf"), group_score)
+            in_best = group_of[None, :] == (first // GROUP_SIZE)[:, None]
+            keep = keep | in_best
+            group_score = tl.where(in_best, float("-inf"), group_score)
         rank = tl.where(keep, rank, float("-inf"))
 
     if HAS_FORCED:

@@ -1,0 +1,210 @@
+"""Where the triton backend's time goes, stage by stage, and which tile shapes are fastest.
+
+    python benchmarks/profile_stages.py --tokens 4096,16384 --json stages.json
+
+For the Qwen3-30B-A3B shape (bf16, uniform routing): each stage alone (CUDA-graph timing for the
+small kernels, whose launch would otherwise dominate), a sweep of tile shapes for every grouped
+GEMM kernel with ``torch._grouped_mm`` on the same problem as the yardstick, and decode-size
+(T=1) tile shapes timed in CUDA graphs over rotating routings. GPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+import moe_replay as mr
+from moe_replay.backends.triton import combine, dispatch, experts, route
+
+SHAPE = {"hidden_size": 2048, "num_experts": 128, "top_k": 8, "intermediate_size": 768}
+
+ROW_TILES = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+    (128, 128, 64, 8, 4),
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+    (128, 128, 128, 8, 3),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (256, 128, 64, 8, 3),
+]
+GATE_UP_TILES = [  # BLOCK_N is per accumulator (gate and up)
+    (128, 64, 64, 8, 4),
+    (128, 64, 64, 8, 3),
+    (128, 128, 64, 8, 3),
+    (128, 64, 128, 8, 3),
+    (64, 64, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (256, 64, 64, 8, 3),
+]
+WGRAD_TILES = [  # BLOCK_P, BLOCK_Q, BLOCK_K, num_warps, num_stages
+    (128, 128, 64, 8, 3),
+    (128, 128, 32, 8, 4),
+    (128, 128, 64, 4, 3),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+]
+DECODE_TILES = [(16, 64, 128, 4, 4), (16, 32, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (16, 32, 256, 2, 4), (16, 64, 64, 4, 5)]
+
+
+def row_cfg(t: tuple) -> dict:
+    return dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), t))
+
+
+def wgrad_cfg(t: tuple) -> dict:
+    return dict(zip(("BLOCK_P", "BLOCK_Q", "BLOCK_K", "num_warps", "num_stages"), t))
+
+
+def bench(fn) -> float:  # type: ignore[no-untyped-def]
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def graph_bench(fns: list) -> float:  # type: ignore[type-arg]
+    """Median ms per call of the ``fns`` (run in turn), captured in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median") / len(fns)
+
+
+def safe(name: str, fn, out: dict) -> None:  # type: ignore[no-untyped-def]
+    try:
+        out[name] = round(fn(), 4)
+    except Exception as error:  # a tile shape that does not fit (shared memory, registers)
+        out[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    print(f"  {name:<48} {out[name]}", flush=True)
+
+
+def profile(T: int) -> dict:
+    cfg = mr.MoEConfig(**SHAPE)
+    H, E, K, I = cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.intermediate_size
+    torch.manual_seed(0)
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    router = torch.randn(E, H, device="cuda") / H**0.5
+    w1 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / H**0.5
+    w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / I**0.5
+    ids = torch.rand(T, E, device="cuda").argsort(1)[:, :K].to(torch.int32)
+    logits = F.linear(x.float(), router)
+    _, weights = route.route_fwd(logits, cfg, ids, None)
+    b = dispatch.dispatch(ids, E)
+    h, gu = experts.gate_up_fwd(x, b, w1, True)
+    y = experts.grouped_linear(h, b, w2, w2.stride(), H)
+    dy_N = torch.randn_like(y)
+    dgu = experts.grouped_linear(dy_N, b, w2, (w2.stride(0), w2.stride(2), w2.stride(1)), I, gu_N2I=gu)
+    flops_gate_up, flops_down = 2 * T * K * H * 2 * I, 2 * T * K * H * I
+    res: dict = {"tokens": T, "stages_ms": {}, "sweeps": {}}
+    st = res["stages_ms"]
+    print(f"T={T}")
+    safe("router_gemm_fp32", lambda: bench(lambda: F.linear(x.float(), router)), st)
+    safe("route_kernel (graph)", lambda: graph_bench([lambda: route.route_fwd(logits, cfg, None, None)]), st)
+    safe("route_kernel_forced (graph)", lambda: graph_bench([lambda: route.route_fwd(logits, cfg, ids, None)]), st)
+    safe("torch_softmax_topk", lambda: bench(lambda: torch.softmax(logits, -1).topk(K)), st)
+    safe("dispatch (graph)", lambda: graph_bench([lambda: dispatch.dispatch(ids, E)]), st)
+    safe("torch_argsort_bincount", lambda: bench(lambda: (ids.view(-1).argsort(stable=True), ids.view(-1).bincount(minlength=E))), st)
+    safe("gate_up_swiglu", lambda: bench(lambda: experts.gate_up_fwd(x, b, w1, False)), st)
+    safe("gate_up_swiglu_save_gu", lambda: bench(lambda: experts.gate_up_fwd(x, b, w1, True)), st)
+    safe("down", lambda: bench(lambda: experts.grouped_linear(h, b, w2, w2.stride(), H)), st)
+    safe("combine", lambda: bench(lambda: combine.gather_sum(y, b.slot_of_row_MR, weights, x.dtype)), st)
+    y_req = y.detach()
+    safe("combine_bwd", lambda: bench(lambda: combine._Combine.backward(_Ctx(y_req, weights, b.slot_of_row_MR), x)), st)
+    safe("dgrad_down_swiglu_bwd", lambda: bench(lambda: experts.grouped_linear(dy_N, b, w2, (w2.stride(0), w2.stride(2), w2.stride(1)), I, gu_N2I=gu)), st)
+    s_e, s_2i, s_h = w1.stride()
+    safe("dgrad_gate_up", lambda: bench(lambda: experts.grouped_linear(dgu, b, w1, (s_e, s_h, s_2i), H)), st)
+    safe("dx_gather_sum", lambda: bench(lambda: combine.gather_sum(y, b.slot_of_row_MR, None, x.dtype)), st)
+    safe("wgrad_gate_up", lambda: bench(lambda: experts.grouped_wgrad(dgu, x, b, True, w1.dtype)), st)
+    safe("wgrad_down", lambda: bench(lambda: experts.grouped_wgrad(dy_N, h, b, False, w2.dtype)), st)
+    offs = b.offsets_E1[1:].contiguous()
+    xs = x[b.row_of_slot_N.long()]
+    safe("torch_grouped_mm_gate_up (no gather/swiglu)", lambda: bench(lambda: torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs)), st)
+    safe("torch_grouped_mm_down", lambda: bench(lambda: torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)), st)
+    safe("torch_gather_rows", lambda: bench(lambda: x[b.row_of_slot_N.long()]), st)
+
+    sw = res["sweeps"]
+    for name, tiles, fn, flops in [
+        ("gate_up", GATE_UP_TILES, lambda c: experts.gate_up_fwd(x, b, w1, False, tiles=row_cfg(c)), flops_gate_up),
+        ("down", ROW_TILES, lambda c: experts.grouped_linear(h, b, w2, w2.stride(), H, tiles=row_cfg(c)), flops_down),
+        ("dgrad_down", ROW_TILES, lambda c: experts.grouped_linear(dy_N, b, w2, (w2.stride(0), w2.stride(2), w2.stride(1)), I, gu_N2I=gu, tiles=row_cfg(c)), flops_down),
+        ("dgrad_gate_up", ROW_TILES, lambda c: experts.grouped_linear(dgu, b, w1, (s_e, s_h, s_2i), H, tiles=row_cfg(c)), flops_gate_up),
+        ("wgrad_gate_up", WGRAD_TILES, lambda c: experts.grouped_wgrad(dgu, x, b, True, w1.dtype, tiles=wgrad_cfg(c)), flops_gate_up),
+        ("wgrad_down", WGRAD_TILES, lambda c: experts.grouped_wgrad(dy_N, h, b, False, w2.dtype, tiles=wgrad_cfg(c)), flops_down),
+    ]:
+        print(f" sweep {name}")
+        sw[name] = {}
+        for c in tiles:
+            out: dict = {}
+            safe(str(c), lambda c=c, fn=fn: bench(lambda: fn(c)), out)
+            ms = out[str(c)]
+            sw[name][str(c)] = {"ms": ms, "tflops": round(flops / (ms * 1e-3) / 1e12, 1) if isinstance(ms, float) else None}
+    return res
+
+
+class _Ctx:  # stands in for autograd's ctx to time _Combine.backward alone
+    def __init__(self, *saved: torch.Tensor) -> None:
+        self.saved_tensors = saved
+        self.weights_dtype = torch.float32
+
+
+def profile_decode(rotations: int = 16) -> dict:
+    cfg = mr.MoEConfig(**SHAPE)
+    H, E, K, I = cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.intermediate_size
+    torch.manual_seed(0)
+    w1 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / H**0.5
+    w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / I**0.5
+    xs = [torch.randn(1, H, device="cuda", dtype=torch.bfloat16) for _ in range(rotations)]
+    bs = [dispatch.dispatch(torch.randperm(E, device="cuda")[:K].view(1, K).int(), E) for _ in range(rotations)]
+    hs = [experts.gate_up_fwd(x, b, w1, False)[0] for x, b in zip(xs, bs)]
+    res: dict = {"gate_up": {}, "down": {}, "layer": {}}
+    print("T=1 (graphs over rotating routings)")
+    for c in DECODE_TILES:
+        safe(f"gate_up {c}", lambda c=c: graph_bench([lambda x=x, b=b: experts.gate_up_fwd(x, b, w1, False, tiles=row_cfg(c)) for x, b in zip(xs, bs)]), res["gate_up"])
+        safe(f"down {c}", lambda c=c: graph_bench([lambda h=h, b=b: experts.grouped_linear(h, b, w2, w2.stride(), H, tiles=row_cfg(c)) for h, b in zip(hs, bs)]), res["down"])
+    layers = []
+    for _ in range(rotations):
+        layer = mr.MoE(cfg, backend="triton", device="meta")
+        layer.router = mr.layers.moe.Router(cfg, device="cuda")
+        layer.experts = mr.layers.moe.Experts(E, H, I, device="meta")
+        layer.experts.gate_up_proj, layer.experts.down_proj = torch.nn.Parameter(w1), torch.nn.Parameter(w2)
+        layers.append(layer)
+    with torch.no_grad():
+        safe("layer forward, router's choice", lambda: graph_bench([lambda layer=layer, x=x: layer(x) for layer, x in zip(layers, xs)]), res["layer"])
+    return res
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", default="4096,16384")
+    parser.add_argument("--no-decode", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "runs": []}
+
+    def dump() -> None:
+        if args.json:
+            with open(args.json + ".tmp", "w") as f:
+                json.dump(out, f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
+
+    if not args.no_decode:
+        out["decode"] = profile_decode()
+        dump()
+    for T in (int(t) for t in args.tokens.split(",")):
+        out["runs"].append(profile(T))
+        dump()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -65,9 +65,17 @@ class AllToAllDispatcher:
         # Positions in cat([rows per expert (E), grad flag]) that make up each rank's count message:
         # its experts' row counts, then the flag.
         offsets, E = partition.offsets, partition.num_experts
-        self._message_index = [
-            index for lo, hi in itertools.pairwise(offsets) for index in (*range(lo, hi), E)
-        ]
+        message_index = [index for lo, hi in itertools.pairwise(offsets) for index in (*range(lo, hi), E)]
+        self._host_constants = {"message_index": message_index, "offsets_W1": list(offsets)}
+        self._device_constants: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def _constant(self, name: str, device: torch.device) -> torch.Tensor:
+        """An int64 constant on ``device``, copied there once (not on every call)."""
+        key = (name, device)
+        if key not in self._device_constants:
+            values = self._host_constants[name]
+            self._device_constants[key] = torch.tensor(values, dtype=torch.int64, device=device)
+        return self._device_constants[key]
 
     def _exchange_counts(
         self, rows_per_expert_E: torch.Tensor, rows_to_rank_W: torch.Tensor, needs_grad: bool
@@ -77,8 +85,7 @@ class AllToAllDispatcher:
         part, device = self.partition, rows_per_expert_E.device
         W, E_loc = part.world_size, part.num_local
         flag = torch.tensor([int(needs_grad)], dtype=torch.int64, device=device)
-        index = torch.tensor(self._message_index, dtype=torch.int64, device=device)
-        message = torch.cat([rows_per_expert_E.long(), flag])[index]
+        message = torch.cat([rows_per_expert_E.long(), flag])[self._constant("message_index", device)]
         send_sizes = [count + 1 for count in part.counts]
         received = all_to_all_ints(message, send_sizes, [E_loc + 1] * W, self.group).view(W, E_loc + 1)
         host = torch.cat([rows_to_rank_W.long(), received.reshape(-1)]).tolist()  # the one host sync
@@ -97,8 +104,7 @@ class AllToAllDispatcher:
         weights_TK = routing.weights.to(device)
 
         buckets = backend.dispatch(ids_TK, part.num_experts)
-        offsets_W1 = torch.tensor(part.offsets, dtype=torch.int64, device=device)
-        slot_offsets = buckets.offsets_E1.long()[offsets_W1]
+        slot_offsets = buckets.offsets_E1.long()[self._constant("offsets_W1", device)]
         rows_to_rank_W = slot_offsets[1:] - slot_offsets[:-1]
         send_counts, recv_counts, rows_per_source_expert, any_needs_grad = self._exchange_counts(
             buckets.tokens_per_expert(), rows_to_rank_W, input_needs_grad(x_TH)

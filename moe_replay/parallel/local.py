@@ -16,7 +16,9 @@ if TYPE_CHECKING:
     from moe_replay.routing.route import Routing
 
 
-def local_dispatch(x_TH: torch.Tensor, routing: Routing, experts: nn.Module, backend: Backend) -> torch.Tensor:
+def local_dispatch(
+    x_TH: torch.Tensor, routing: Routing, experts: nn.Module, backend: Backend
+) -> torch.Tensor:
     """``y_TH[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x_TH[t])``, in x's dtype."""
     buckets = backend.dispatch(routing.expert_ids, experts.num_experts)
     y_NH = experts(x_TH, buckets, backend)

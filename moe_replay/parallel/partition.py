@@ -55,10 +55,10 @@ class ExpertPartition:
     """This rank's index in the group, ``0 <= rank < world_size``."""
 
     def __post_init__(self) -> None:
+        expert_offsets(self.num_experts, self.world_size)  # validates the other two fields
         _check_int("rank", self.rank, 0)
         if self.rank >= self.world_size:
             raise ValueError(f"rank must be < world_size={self.world_size}, got {self.rank}")
-        expert_offsets(self.num_experts, self.world_size)  # validates the other two fields
 
     @property
     def offsets(self) -> tuple[int, ...]:

@@ -186,18 +186,21 @@ class RoutingTrace(Mapping[str, torch.Tensor]):
         Reads the values (a host synchronisation for GPU ids). Returns ``self``. Repeated experts
         within a row are checked by :func:`moe_replay.replay` when the trace is used.
         """
-        for name, ids in self._layers.items():
-            if ids.numel() == 0:
+        layers = [(name, ids) for name, ids in self._layers.items() if ids.numel()]
+        if not layers:
+            return self
+        # One min/max pass per layer and one host read for all of them (validate runs on every
+        # save and load: 12.6M ids take ~15 ms this way, ~50 ms with elementwise masks).
+        bounds = torch.stack([torch.stack(torch.aminmax(ids)) for _, ids in layers]).tolist()
+        for (name, ids), (lo, hi) in zip(layers, bounds):
+            if lo >= -1 and hi < self.num_experts:
                 continue
-            bad = (ids < -1) | (ids >= self.num_experts)
-            if bool(bad.any()):
-                flat = bad.reshape(-1, self.top_k).any(dim=1).nonzero()
-                row = int(flat[0])
-                raise ValueError(
-                    f"layer {name!r}: token {row} (of the flattened token axes) holds "
-                    f"{ids.reshape(-1, self.top_k)[row].tolist()}: ids must be -1 (free) or in "
-                    f"[0, num_experts={self.num_experts})"
-                )
+            ids_TK = ids.reshape(-1, self.top_k)
+            row = int(((ids_TK < -1) | (ids_TK >= self.num_experts)).any(dim=1).nonzero()[0])
+            raise ValueError(
+                f"layer {name!r}: token {row} (of the flattened token axes) holds "
+                f"{ids_TK[row].tolist()}: ids must be -1 (free) or in [0, num_experts={self.num_experts})"
+            )
         return self
 
     def to(self, device: torch.device | str) -> RoutingTrace:

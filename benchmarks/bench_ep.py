@@ -274,7 +274,9 @@ def run_equality(args: argparse.Namespace, device: torch.device, report: Report)
         except Exception:
             report.ok = False
             report.add("equality", {"case": name, "error": traceback.format_exc()})
-            say(f"equality {name}: ERROR\n{traceback.format_exc()}")
+            print(
+                f"rank {dist.get_rank()}: equality {name}: ERROR\n{traceback.format_exc()}", file=sys.stderr
+            )
             raise  # ranks may be out of step now: stop rather than hang in the next collective
 
 
@@ -390,7 +392,9 @@ def run_timing(args: argparse.Namespace, device: torch.device, report: Report) -
             except Exception:
                 report.ok = False
                 report.add("timings", {"tokens_per_rank": T, "case": case, "error": traceback.format_exc()})
-                say(f"{T:>7} {case:<10} ERROR\n{traceback.format_exc()}")
+                print(
+                    f"rank {dist.get_rank()}: T={T} {case}: ERROR\n{traceback.format_exc()}", file=sys.stderr
+                )
                 raise  # ranks may be out of step now: stop rather than hang in the next collective
             record: dict[str, Any] = {
                 "tokens_per_rank": T,
@@ -456,7 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         run_timing(args, device, report)
     except Exception as error:
         # Ranks may be out of step: no further collective (torchrun stops the other workers).
-        report.data["status"] = f"failed: {type(error).__name__}: {error}"
+        report.data["status"] = (
+            f"failed on rank {dist.get_rank()}: {type(error).__name__}: {error} (a lost connection "
+            "means another rank failed first: its stderr has the cause)"
+        )
         report.write()
         print(f"rank {dist.get_rank()}: {report.data['status']}", file=sys.stderr, flush=True)
         return 1

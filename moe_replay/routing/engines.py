@@ -39,6 +39,7 @@ import binascii
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -110,7 +111,7 @@ def sglang_routes(
             f"SGLang routed_experts holds {actual} int32 elements, expected {expected} = "
             f"(num_tokens={num_tokens} - 1 - start={start}) rows x num_layers={num_layers} x top_k={top_k}"
         )
-    ids = torch.frombuffer(bytearray(raw), dtype=torch.int32)  # little-endian, as SGLang writes it
+    ids = torch.from_numpy(np.frombuffer(raw, dtype="<i4").astype(np.int32))  # SGLang writes little-endian
     return _place_rows(ids.view(rows, num_layers, top_k), num_tokens, start)
 
 

@@ -13,6 +13,8 @@ At construction every rank of the group (a collective, so all must construct the
    (load a checkpoint afterwards as usual; see :mod:`moe_replay.parallel.state`).
 
 Experts are initialised independently on each rank.
+
+Shape legend: T this rank's tokens, H hidden.
 """
 
 from __future__ import annotations

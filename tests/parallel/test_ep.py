@@ -283,6 +283,12 @@ def check_quantized(world: World, mode: str) -> None:
             expected = q_ref.state_dict()
             assert list(full) == list(expected)
             assert all(torch.equal(full[key], expected[key]) for key in expected)
+            # A full quantized checkpoint loads into an EP QuantMoE built from other weights.
+            fresh = mr.MoE(cfg, backend="torch", ep_group=world.group, ep_mode=mode)
+            q_fresh = mr.QuantMoE.from_float(fresh, weight_dtype, group_size)
+            q_fresh.load_state_dict(expected)
+            with torch.no_grad():
+                assert_close(q_fresh(x_SH[rows]), q_ref(x_SH)[rows], **F32)
 
 
 @check()

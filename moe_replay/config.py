@@ -52,9 +52,7 @@ class MoEConfig:
         _check_int("hidden_size", self.hidden_size)
         _check_int("intermediate_size", self.intermediate_size)
         if self.top_k > self.num_experts:
-            raise ValueError(
-                f"MoEConfig.top_k must be <= num_experts ({self.num_experts}), got {self.top_k}"
-            )
+            raise ValueError(f"MoEConfig.top_k must be <= num_experts ({self.num_experts}), got {self.top_k}")
         if self.scoring not in _SCORINGS:
             raise ValueError(f"MoEConfig.scoring must be one of {_SCORINGS}, got {self.scoring!r}")
         _check_bool("norm_topk_prob", self.norm_topk_prob)

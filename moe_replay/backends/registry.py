@@ -101,5 +101,7 @@ def get_backend(name: str | None, device: torch.device | str) -> Backend:
             return _loaded["triton"]
         if ("triton", str(device)) not in _logged_fallbacks:
             _logged_fallbacks.add(("triton", str(device)))
-            logger.warning("moe_replay: backend 'triton' cannot run on %s (%s); using 'torch'", device, reason)
+            logger.warning(
+                "moe_replay: backend 'triton' cannot run on %s (%s); using 'torch'", device, reason
+            )
     return _load("torch")

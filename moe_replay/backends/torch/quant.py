@@ -10,6 +10,8 @@ matmuls add such integers exactly, in any order. That gives int32 semantics with
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -37,7 +39,7 @@ def quant_expert_mlp(
     x_NH = x_MH[buckets.row_of_slot_N.long()]
     bounds = buckets.offsets_E1.tolist()
     y_NH = torch.empty(x_NH.shape[0], down.out_features, dtype=torch.float32, device=x_MH.device)
-    for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for e, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         if lo == hi:
             continue
         gate_nI, up_nI = quant_linear(x_NH[lo:hi], gate_up, e).chunk(2, dim=1)

@@ -23,7 +23,7 @@ def kept_experts(select_TE: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
     A group's score is the sum of its two best selection scores (DeepSeek-V3); ties between
     groups go to the lower group index.
     """
-    T, E = select_TE.shape
+    T = select_TE.shape[0]
     per_group = cfg.experts_per_group
     grouped_TGS = select_TE.view(T, cfg.n_group, per_group)
     group_score_TG = grouped_TGS.topk(min(2, per_group), dim=2).values.sum(dim=2)
@@ -51,9 +51,7 @@ def selection_scores(logits_TE: torch.Tensor, cfg: MoEConfig, bias_E: torch.Tens
     return rank
 
 
-def select_experts(
-    select_TE: torch.Tensor, top_k: int, forced_TK: torch.Tensor | None
-) -> torch.Tensor:
+def select_experts(select_TE: torch.Tensor, top_k: int, forced_TK: torch.Tensor | None) -> torch.Tensor:
     """Final ids ``[T, K]`` (int64): forced slots kept, free slots filled with the best remaining experts."""
     if forced_TK is None:
         return _descending_order(select_TE)[:, :top_k]

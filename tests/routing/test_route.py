@@ -271,6 +271,18 @@ def test_any_integer_dtype_of_forced_ids(dtype: torch.dtype) -> None:
     assert r.expert_ids[0, 0] == 7 and r.expert_ids[2].tolist() == [2, 5]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_forced_ids_on_another_device_are_moved() -> None:
+    logits = torch.randn(3, 8)
+    forced = torch.tensor([[7, -1], [-1, -1], [2, 5]])  # stays on the CPU
+    r = mr.route(logits.cuda(), cfg_of(8, 2), forced_expert_ids=forced, backend="torch")
+    assert r.expert_ids.device.type == "cuda"
+    assert torch.equal(
+        r.expert_ids.cpu(), mr.route(logits, cfg_of(8, 2), forced_expert_ids=forced).expert_ids
+    )
+
+
 # ----------------------------------------------------------------------------- gradients
 
 

@@ -23,38 +23,20 @@ from moe_replay.backends.triton import combine, dispatch, experts, route
 
 SHAPE = {"hidden_size": 2048, "num_experts": 128, "top_k": 8, "intermediate_size": 768}
 
-ROW_TILES = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
-    (128, 128, 64, 8, 4),
-    (128, 128, 64, 8, 3),
-    (128, 256, 64, 8, 3),
-    (128, 128, 128, 8, 3),
-    (64, 128, 64, 4, 4),
-    (128, 64, 64, 4, 4),
-    (256, 128, 64, 8, 3),
-]
-GATE_UP_TILES = [  # BLOCK_N is per accumulator (gate and up)
-    (128, 64, 64, 8, 4),
-    (128, 64, 64, 8, 3),
-    (128, 128, 64, 8, 3),
-    (128, 64, 128, 8, 3),
-    (64, 64, 64, 4, 4),
-    (128, 64, 64, 4, 4),
-    (256, 64, 64, 8, 3),
-]
-WGRAD_TILES = [  # BLOCK_P, BLOCK_Q, BLOCK_K, num_warps, num_stages
-    (128, 128, 64, 8, 3),
-    (128, 128, 32, 8, 4),
-    (128, 128, 64, 4, 3),
-    (64, 128, 64, 4, 4),
-    (128, 64, 64, 4, 4),
-    (128, 256, 64, 8, 3),
-    (256, 128, 64, 8, 3),
-]
-DECODE_TILES = [(16, 64, 128, 4, 4), (16, 32, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (16, 32, 256, 2, 4), (16, 64, 64, 4, 5)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, TMA): the best pointer-load shapes of the
+# first sweep (RESULTS.md), each also with TMA descriptors for the weights / unpermuted rows.
+GATE_UP_TILES = [(128, 64, 64, 8, 3, 0), (128, 64, 64, 8, 3, 1), (128, 128, 64, 8, 3, 0), (128, 128, 64, 8, 3, 1), (128, 64, 64, 8, 4, 1)]
+DOWN_TILES = [(128, 256, 64, 8, 3, 0), (128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 0), (128, 128, 64, 8, 3, 1), (256, 128, 64, 8, 3, 1)]
+DGRAD_DOWN_TILES = [(128, 128, 64, 8, 4, 0), (128, 128, 64, 8, 4, 1), (64, 128, 64, 4, 4, 0), (64, 128, 64, 4, 4, 1), (128, 128, 64, 8, 3, 1)]
+DGRAD_GATE_UP_TILES = [(128, 256, 64, 8, 3, 0), (128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 0), (128, 128, 64, 8, 3, 1)]
+WGRAD_TILES = [(128, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+DECODE_TILES = [(16, 64, 128, 4, 4, 0), (16, 64, 128, 4, 4, 1), (16, 32, 128, 4, 4, 0), (16, 32, 128, 4, 4, 1), (16, 64, 256, 4, 3, 1)]
 
 
 def row_cfg(t: tuple) -> dict:
-    return dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), t))
+    cfg = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), t))
+    cfg["TMA"] = bool(t[5])
+    return cfg
 
 
 def wgrad_cfg(t: tuple) -> dict:
@@ -101,9 +83,9 @@ def profile(T: int) -> dict:
     _, weights = route.route_fwd(logits, cfg, ids, None)
     b = dispatch.dispatch(ids, E)
     h, gu = experts.gate_up_fwd(x, b, w1, True)
-    y = experts.grouped_linear(h, b, w2, w2.stride(), H)
+    y, _ = experts.grouped_linear(h, b, w2, w2.stride(), H)
     dy_N = torch.randn_like(y)
-    dgu = experts.grouped_linear(dy_N, b, w2, (w2.stride(0), w2.stride(2), w2.stride(1)), I, gu_N2I=gu)
+    dgu, _ = experts.grouped_linear(dy_N, b, w2, (w2.stride(0), w2.stride(2), w2.stride(1)), I, gu_N2I=gu)
     flops_gate_up, flops_down = 2 * T * K * H * 2 * I, 2 * T * K * H * I
     res: dict = {"tokens": T, "stages_ms": {}, "sweeps": {}}
     st = res["stages_ms"]
@@ -119,8 +101,7 @@ def profile(T: int) -> dict:
     safe("down", lambda: bench(lambda: experts.grouped_linear(h, b, w2, w2.stride(), H)), st)
     safe("combine", lambda: bench(lambda: combine.gather_sum(y, b.slot_of_row_MR, weights, x.dtype)), st)
     y_req = y.detach()
-    safe("combine_bwd", lambda: bench(lambda: combine._Combine.backward(_Ctx(y_req, weights, b.slot_of_row_MR), x)), st)
-    safe("dgrad_down_swiglu_bwd", lambda: bench(lambda: experts.grouped_linear(dy_N, b, w2, (w2.stride(0), w2.stride(2), w2.stride(1)), I, gu_N2I=gu)), st)
+    safe("combine_bwd (unfused path)", lambda: bench(lambda: combine._Combine.backward(_Ctx(y_req, weights, b.slot_of_row_MR), x)), st)
     s_e, s_2i, s_h = w1.stride()
     safe("dgrad_gate_up", lambda: bench(lambda: experts.grouped_linear(dgu, b, w1, (s_e, s_h, s_2i), H)), st)
     safe("dx_gather_sum", lambda: bench(lambda: combine.gather_sum(y, b.slot_of_row_MR, None, x.dtype)), st)
@@ -132,14 +113,18 @@ def profile(T: int) -> dict:
     safe("torch_grouped_mm_down", lambda: bench(lambda: torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)), st)
     safe("torch_gather_rows", lambda: bench(lambda: x[b.row_of_slot_N.long()]), st)
 
+    w_slot = torch.rand(T * K, device="cuda")
+    dgrad_args = dict(gu_N2I=gu, gather_a=True, row_scale_N=w_slot)
+    safe("dgrad_down_fused (gather, scale, d weight)", lambda: bench(lambda: experts.grouped_linear(x, b, w2, (w2.stride(0), w2.stride(2), w2.stride(1)), I, **dgrad_args)), st)
+    safe("wgrad_down_fused (gather, scale)", lambda: bench(lambda: experts.grouped_wgrad(x, h, b, False, w2.dtype, row_scale_N=w_slot)), st)
     sw = res["sweeps"]
     for name, tiles, fn, flops in [
         ("gate_up", GATE_UP_TILES, lambda c: experts.gate_up_fwd(x, b, w1, False, tiles=row_cfg(c)), flops_gate_up),
-        ("down", ROW_TILES, lambda c: experts.grouped_linear(h, b, w2, w2.stride(), H, tiles=row_cfg(c)), flops_down),
-        ("dgrad_down", ROW_TILES, lambda c: experts.grouped_linear(dy_N, b, w2, (w2.stride(0), w2.stride(2), w2.stride(1)), I, gu_N2I=gu, tiles=row_cfg(c)), flops_down),
-        ("dgrad_gate_up", ROW_TILES, lambda c: experts.grouped_linear(dgu, b, w1, (s_e, s_h, s_2i), H, tiles=row_cfg(c)), flops_gate_up),
+        ("down", DOWN_TILES, lambda c: experts.grouped_linear(h, b, w2, w2.stride(), H, tiles=row_cfg(c)), flops_down),
+        ("dgrad_down_fused", DGRAD_DOWN_TILES, lambda c: experts.grouped_linear(x, b, w2, (w2.stride(0), w2.stride(2), w2.stride(1)), I, **dgrad_args, tiles=row_cfg(c)), flops_down),
+        ("dgrad_gate_up", DGRAD_GATE_UP_TILES, lambda c: experts.grouped_linear(dgu, b, w1, (s_e, s_h, s_2i), H, tiles=row_cfg(c)), flops_gate_up),
         ("wgrad_gate_up", WGRAD_TILES, lambda c: experts.grouped_wgrad(dgu, x, b, True, w1.dtype, tiles=wgrad_cfg(c)), flops_gate_up),
-        ("wgrad_down", WGRAD_TILES, lambda c: experts.grouped_wgrad(dy_N, h, b, False, w2.dtype, tiles=wgrad_cfg(c)), flops_down),
+        ("wgrad_down_fused", WGRAD_TILES, lambda c: experts.grouped_wgrad(x, h, b, False, w2.dtype, row_scale_N=w_slot, tiles=wgrad_cfg(c)), flops_down),
     ]:
         print(f" sweep {name}")
         sw[name] = {}

@@ -116,6 +116,20 @@ class Backend(ABC):
         respect to ``y_NH`` and ``weights_MR``.
         """
 
+    def expert_mlp_combine(
+        self,
+        x_MH: torch.Tensor,
+        buckets: ExpertBuckets,
+        w_gate_up_E2IH: torch.Tensor,
+        w_down_EHI: torch.Tensor,
+        weights_MR: torch.Tensor,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """``combine(expert_mlp(x_MH, ...), ...)``: the local layer's path, which a backend may fuse
+        (the triton backend's backward then never materialises the routed rows' gradient)."""
+        y_NH = self.expert_mlp(x_MH, buckets, w_gate_up_E2IH, w_down_EHI)
+        return self.combine(y_NH, buckets, weights_MR, out_dtype)
+
     @abstractmethod
     def permute_rows(self, x_MH: torch.Tensor, buckets: ExpertBuckets) -> torch.Tensor:
         """``x_NH[n] = x_MH[row_of_slot[n]]``, differentiable (the backward sums each row's R reads)."""

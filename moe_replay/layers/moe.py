@@ -92,7 +92,19 @@ class Experts(nn.Module):
         nn.init.normal_(self.down_proj, std=1.0 / math.sqrt(self.down_proj.shape[2]))
 
     def forward(self, x_MH: torch.Tensor, buckets: ExpertBuckets, backend: Backend) -> torch.Tensor:
+        """The routed rows ``y_NH`` in bucket order."""
         return backend.expert_mlp(x_MH, buckets, self.gate_up_proj, self.down_proj)
+
+    def forward_combined(
+        self,
+        x_MH: torch.Tensor,
+        buckets: ExpertBuckets,
+        weights_MR: torch.Tensor,
+        backend: Backend,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """The rows combined per token, ``y_MH``, through the backend's fused path."""
+        return backend.expert_mlp_combine(x_MH, buckets, self.gate_up_proj, self.down_proj, weights_MR, out_dtype)
 
 
 def _check_backend_name(backend: str | None) -> None:

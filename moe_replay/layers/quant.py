@@ -54,7 +54,19 @@ class QuantExperts(nn.Module):
         )
 
     def forward(self, x_MH: torch.Tensor, buckets: ExpertBuckets, backend: Backend) -> torch.Tensor:
+        """The routed rows ``y_NH`` in bucket order."""
         return backend.quant_expert_mlp(x_MH, buckets, *self.weights())
+
+    def forward_combined(
+        self,
+        x_MH: torch.Tensor,
+        buckets: ExpertBuckets,
+        weights_MR: torch.Tensor,
+        backend: Backend,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """The rows combined per token, ``y_MH``."""
+        return backend.combine(self(x_MH, buckets, backend), buckets, weights_MR, out_dtype)
 
     def extra_repr(self) -> str:
         return (

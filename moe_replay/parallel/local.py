@@ -21,5 +21,4 @@ def local_dispatch(
 ) -> torch.Tensor:
     """``y_TH[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x_TH[t])``, in x's dtype."""
     buckets = backend.dispatch(routing.expert_ids, experts.num_experts)
-    y_NH = experts(x_TH, buckets, backend)
-    return backend.combine(y_NH, buckets, routing.weights, x_TH.dtype)
+    return experts.forward_combined(x_TH, buckets, routing.weights, backend, x_TH.dtype)

@@ -56,6 +56,17 @@ class TritonBackend(Backend):
     ) -> torch.Tensor:
         return experts.expert_mlp(x_MH, buckets, w_gate_up_E2IH, w_down_EHI)
 
+    def expert_mlp_combine(
+        self,
+        x_MH: torch.Tensor,
+        buckets: ExpertBuckets,
+        w_gate_up_E2IH: torch.Tensor,
+        w_down_EHI: torch.Tensor,
+        weights_MR: torch.Tensor,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        return experts.expert_mlp_combine(x_MH, buckets, w_gate_up_E2IH, w_down_EHI, weights_MR, out_dtype)
+
     def combine(
         self, y_NH: torch.Tensor, buckets: ExpertBuckets, weights_MR: torch.Tensor, out_dtype: torch.dtype
     ) -> torch.Tensor:

@@ -8,11 +8,16 @@ Kernels (one launch each, grids known from shapes, no host synchronisation):
 * ``_gate_up_kernel``: ``h_NI = silu(x @ Wg^T) * (x @ Wu^T)`` with the gather ``x = x_MH[row_of_slot]``
   in its loads and SwiGLU in its epilogue (two accumulators, gate and up, per tile). With
   gradients requested it also stores the pre-activations ``gu_N2I`` for the backward.
-* ``_grouped_linear_kernel``: ``out_N? = A_N? @ W_e^T`` per bucket, W given by strides so the same
-  kernel does the down projection and both data-gradient GEMMs; its ``SWIGLU_BWD`` epilogue turns
-  ``dh`` into ``d(gate, up)`` using the saved pre-activations.
-* ``_grouped_wgrad_kernel``: ``dW_e = A_e^T @ B_e`` summed over expert e's rows, B optionally
-  gathered through ``row_of_slot``. An expert with no rows gets a zero gradient.
+* ``_grouped_linear_kernel``: ``out = A @ W_e^T`` per bucket, A optionally gathered, W given by
+  strides so the same kernel does the down projection and both data-gradient GEMMs; its
+  ``SWIGLU_BWD`` epilogue turns ``dh`` into ``d(gate, up)`` using the saved pre-activations.
+* ``_grouped_wgrad_kernel``: ``dW_e = A_e^T @ B_e`` summed over expert e's rows, A and B
+  optionally gathered through ``row_of_slot`` (A then scaled per row). An expert with no rows
+  gets a zero gradient.
+
+``expert_mlp_combine`` (the local layer's path) puts the combine inside the autograd Function, so
+its backward reads the token gradients directly and never materialises ``dy_NH`` (see
+``_ExpertMLPCombine``). ``expert_mlp`` returns the routed rows (expert parallelism needs them).
 
 Row tiles never straddle two experts (see ``expert_of_tile``). Accumulation is float32; ``h``,
 ``gu`` and the outputs are stored in the activations' dtype.
@@ -20,45 +25,33 @@ Row tiles never straddle two experts (see ``expert_of_tile``). Accumulation is f
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from moe_replay.backends.base import ExpertBuckets
-from moe_replay.backends.triton._common import (
-    dot_flags,
-    expert_of_tile,
-    interpreting,
-    max_row_tiles,
-    mma,
-    pow2,
-)
+from moe_replay.backends.triton._common import dot_flags, expert_of_tile, interpreting, max_row_tiles, mma, pow2
 from moe_replay.backends.triton.combine import gather_sum
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton < 3.4: pointer loads only
+    TensorDescriptor = None
 
+# Whether kernels on compute capability 9.0+ load weights (and unpermuted activations) through
+# TMA descriptors. MOE_REPLAY_TRITON_TMA=0/1 overrides (a tuning switch for benchmarks).
+TMA_BY_DEFAULT = os.environ.get("MOE_REPLAY_TRITON_TMA", "0") == "1"
+
+# fmt: off
 @triton.jit
 def _gate_up_kernel(
-    x_ptr,
-    row_of_slot_ptr,
-    offsets_ptr,
-    w_ptr,
-    h_ptr,
-    gu_ptr,
-    E,
-    H,
-    I,
-    stride_xm,
-    stride_we,
-    stride_wn,
-    stride_wk,
-    SAVE_GU: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    E_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    IEEE: tl.constexpr,
+    x_ptr, row_of_slot_ptr, offsets_ptr, w_ptr, h_ptr, gu_ptr,
+    E, H, I, stride_xm, stride_we, stride_wn, stride_wk,
+    SAVE_GU: tl.constexpr, EVEN_K: tl.constexpr, W_TMA: tl.constexpr, E_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     expert, row_start, row_end, exists = expert_of_tile(offsets_ptr, tl.program_id(1), E, E_PAD, BLOCK_M)
@@ -70,25 +63,33 @@ def _gate_up_kernel(
         col_ok = cols < I
         ks = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + src[:, None] * stride_xm + ks[None, :]
-        g_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
-        u_ptrs = g_ptrs + I * stride_wn
+        if not W_TMA:
+            g_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
+            u_ptrs = g_ptrs + I * stride_wn
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        w_row = expert * (2 * I) + pid_n * BLOCK_N  # gate rows of this tile in the [E * 2I, H] view
         for k0 in range(0, H, BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
-                u = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
             else:
                 k_ok = (k0 + ks) < H
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if W_TMA:  # rows past the gate (or up) block feed only masked-out columns
+                g = tl.trans(w_ptr.load([w_row, k0]))
+                u = tl.trans(w_ptr.load([w_row + I, k0]))
+            elif EVEN_K:
+                g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
+                u = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
                 g = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 u = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc_g = mma(a, g, acc_g, DOT_FP32, IEEE)
             acc_u = mma(a, u, acc_u, DOT_FP32, IEEE)
             a_ptrs += BLOCK_K
-            g_ptrs += BLOCK_K * stride_wk
-            u_ptrs += BLOCK_K * stride_wk
+            if not W_TMA:
+                g_ptrs += BLOCK_K * stride_wk
+                u_ptrs += BLOCK_K * stride_wk
         h = acc_g * tl.sigmoid(acc_g) * acc_u
         out_ok = row_ok[:, None] & col_ok[None, :]
         rows64 = rows.to(tl.int64)
@@ -101,86 +102,83 @@ def _gate_up_kernel(
 
 @triton.jit
 def _grouped_linear_kernel(
-    a_ptr,
-    offsets_ptr,
-    w_ptr,
-    out_ptr,
-    gu_ptr,
-    E,
-    K_DIM,
-    N_OUT,
-    stride_am,
-    stride_we,
-    stride_wn,
-    stride_wk,
-    SWIGLU_BWD: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    E_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    IEEE: tl.constexpr,
+    a_ptr, row_of_slot_ptr, offsets_ptr, w_ptr, out_ptr, gu_ptr, row_scale_ptr, dscale_ptr,
+    E, K_DIM, N_OUT, stride_am, stride_we, stride_wn, stride_wk,
+    GATHER_A: tl.constexpr, SWIGLU_BWD: tl.constexpr, ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
+    A_TMA: tl.constexpr, W_TMA: tl.constexpr, W_KMAJOR: tl.constexpr, W_ROWS: tl.constexpr,
+    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
+    # A_TMA: A (not gathered) through a [N, K] descriptor; rows past the expert's bucket feed only
+    # rows that are not stored. W_TMA: W through its [E * W_ROWS, cols] descriptor, K-major
+    # (W_e^T's rows are the matrix's rows) or not; what a tile reads past one expert's matrix
+    # meets zeros in A (K) or lands in columns that are not stored (N).
     pid_n = tl.program_id(0)
     expert, row_start, row_end, exists = expert_of_tile(offsets_ptr, tl.program_id(1), E, E_PAD, BLOCK_M)
     if exists:
         rows = row_start + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
         rows64 = rows.to(tl.int64)
+        if GATHER_A:
+            a_rows = tl.load(row_of_slot_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        else:
+            a_rows = rows64
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N_OUT
         ks = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + rows64[:, None] * stride_am + ks[None, :]
-        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
+        if not A_TMA:
+            a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :]
+        if not W_TMA:
+            w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        w_row = expert * W_ROWS
         for k0 in range(0, K_DIM, BLOCK_K):
-            if EVEN_K:
+            if A_TMA:
+                a = a_ptr.load([row_start, k0])
+            elif EVEN_K:
                 a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & ((k0 + ks) < K_DIM)[None, :], other=0.0)
+            if W_TMA and W_KMAJOR:
+                w = tl.trans(w_ptr.load([w_row + pid_n * BLOCK_N, k0]))
+            elif W_TMA:
+                w = w_ptr.load([w_row + k0, pid_n * BLOCK_N])
+            elif EVEN_K:
                 w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
             else:
-                k_ok = (k0 + ks) < K_DIM
-                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=((k0 + ks) < K_DIM)[:, None] & col_ok[None, :], other=0.0)
             acc = mma(a, w, acc, DOT_FP32, IEEE)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * stride_wk
+            if not A_TMA:
+                a_ptrs += BLOCK_K
+            if not W_TMA:
+                w_ptrs += BLOCK_K * stride_wk
         out_ok = row_ok[:, None] & col_ok[None, :]
         if SWIGLU_BWD:  # acc is dh [rows, I]; out is d(gate, up) [N, 2I]
             gu = gu_ptr + rows64[:, None] * (2 * N_OUT) + cols[None, :]
             g = tl.load(gu, mask=out_ok, other=0.0).to(tl.float32)
             u = tl.load(gu + N_OUT, mask=out_ok, other=0.0).to(tl.float32)
             s = tl.sigmoid(g)
+            if ROW_SCALE:
+                # acc is dy @ W_down for the unweighted gradient of the row's token: its dot with
+                # h is this tile's share of d(gate weight); then the row's gate weight scales it.
+                partial = tl.sum(acc * (g * s * u), 1)
+                tl.store(dscale_ptr + rows64 * tl.num_programs(0) + pid_n, partial, mask=row_ok)
+                acc = acc * tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
             dg = acc * u * s * (1.0 + g * (1.0 - s))
             du = acc * g * s
             dgu = out_ptr + rows64[:, None] * (2 * N_OUT) + cols[None, :]
             tl.store(dgu, dg.to(out_ptr.dtype.element_ty), mask=out_ok)
             tl.store(dgu + N_OUT, du.to(out_ptr.dtype.element_ty), mask=out_ok)
         else:
-            tl.store(
-                out_ptr + rows64[:, None] * N_OUT + cols[None, :],
-                acc.to(out_ptr.dtype.element_ty),
-                mask=out_ok,
-            )
+            tl.store(out_ptr + rows64[:, None] * N_OUT + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
 def _grouped_wgrad_kernel(
-    a_ptr,
-    b_ptr,
-    row_of_slot_ptr,
-    offsets_ptr,
-    dw_ptr,
-    P,
-    Q,
-    stride_am,
-    stride_bm,
-    GATHER_B: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    IEEE: tl.constexpr,
+    a_ptr, b_ptr, row_of_slot_ptr, row_scale_ptr, offsets_ptr, dw_ptr,
+    P, Q, stride_am, stride_bm,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
     num_q = tl.cdiv(Q, BLOCK_Q)
     pid_p = tl.program_id(0) // num_q
@@ -197,49 +195,52 @@ def _grouped_wgrad_kernel(
     for r0 in range(lo, hi, BLOCK_K):
         rows = r0 + ks
         r_ok = rows < hi
-        a = tl.load(
-            a_ptr + rows.to(tl.int64)[:, None] * stride_am + ps[None, :],
-            mask=r_ok[:, None] & p_ok[None, :],
-            other=0.0,
-        )
-        if GATHER_B:
+        rows64 = rows.to(tl.int64)
+        if GATHER_A or GATHER_B:
             src = tl.load(row_of_slot_ptr + rows, mask=r_ok, other=0).to(tl.int64)
         else:
-            src = rows.to(tl.int64)
-        b = tl.load(
-            b_ptr + src[:, None] * stride_bm + qs[None, :], mask=r_ok[:, None] & q_ok[None, :], other=0.0
-        )
+            src = rows64
+        a_rows = src if GATHER_A else rows64
+        b_rows = src if GATHER_B else rows64
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + ps[None, :], mask=r_ok[:, None] & p_ok[None, :], other=0.0)
+        if GATHER_A:  # A holds token rows' output gradients; each slot scales its copy by its gate weight
+            scale = tl.load(row_scale_ptr + rows, mask=r_ok, other=0.0)
+            a = (a.to(tl.float32) * scale[:, None]).to(a_ptr.dtype.element_ty)
+        b = tl.load(b_ptr + b_rows[:, None] * stride_bm + qs[None, :], mask=r_ok[:, None] & q_ok[None, :], other=0.0)
         acc = mma(tl.trans(a), b, acc, DOT_FP32, IEEE)
     dw = dw_ptr + expert.to(tl.int64) * P * Q + ps[:, None] * Q + qs[None, :]
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
+# fmt: on
 
 
-def _row_tiles(num_rows: int, num_experts: int) -> dict:
-    """Tile shapes for the row-grouped kernels, from the mean rows per expert."""
+# Tile shapes measured on an H100 (benchmarks/profile_stages.py, Qwen3-30B-A3B shape, T=4096 and
+# 16384; benchmarks/RESULTS.md): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel,
+# chosen by the mean rows per expert. Three stages beat four at BLOCK_M=128 except where the
+# SwiGLU-backward epilogue reads and writes two more tiles.
+_LARGE_TILES = {
+    "gate_up": (128, 64, 64, 8, 3),  # BLOCK_N per accumulator: the gate and up tiles side by side
+    "linear": (128, 256, 64, 8, 3),
+    "swiglu_bwd": (128, 128, 64, 8, 4),
+}
+_MEDIUM_TILES = {"gate_up": (64, 64, 64, 4, 4), "linear": (64, 128, 64, 4, 4), "swiglu_bwd": (64, 128, 64, 4, 4)}
+# Decode sizes: a few rows per expert, so the time is reading each active expert's weights once.
+_DECODE_TILES = {"gate_up": (16, 64, 128, 4, 4), "linear": (16, 64, 128, 4, 4), "swiglu_bwd": (16, 64, 128, 4, 4)}
+_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+
+
+def _row_tiles(kind: str, num_rows: int, num_experts: int) -> dict:
+    """Tile shapes for the row-grouped kernels (``kind``: gate_up, linear, swiglu_bwd)."""
     if interpreting():
         return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
     per_expert = num_rows / max(num_experts, 1)
-    if per_expert >= 96:
-        return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}
-    if per_expert >= 24:
-        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
-    # Decode sizes: a few rows per expert, so the time is reading each active expert's weights
-    # once; narrow column tiles spread that read over more programs.
-    return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
-
-
-def _gate_up_tiles(num_rows: int, num_experts: int) -> dict:
-    """Like ``_row_tiles`` with the column tile halved: each tile keeps two accumulators."""
-    cfg = _row_tiles(num_rows, num_experts)
-    if cfg["BLOCK_M"] >= 64:
-        cfg["BLOCK_N"] //= 2
-    return cfg
+    table = _LARGE_TILES if per_expert >= 96 else _MEDIUM_TILES if per_expert >= 24 else _DECODE_TILES
+    return dict(zip(_TILE_KEYS, table[kind]))
 
 
 def _wgrad_tiles() -> dict:
     if interpreting():
         return {"BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_P": 128, "BLOCK_Q": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_P": 128, "BLOCK_Q": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 
 
 def gate_up_fwd(
@@ -249,91 +250,167 @@ def gate_up_fwd(
     save_gu: bool,
     tiles: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``h_NI`` and, with ``save_gu``, the pre-activations ``gu_N2I`` (both in x's dtype)."""
     N, E = buckets.num_slots, buckets.num_experts
     H, I = x_MH.shape[1], w_gate_up_E2IH.shape[1] // 2
     h_NI = torch.empty(N, I, dtype=x_MH.dtype, device=x_MH.device)
     gu_N2I = torch.empty(N, 2 * I, dtype=x_MH.dtype, device=x_MH.device) if save_gu else None
     if N == 0:
         return h_NI, gu_N2I
-    cfg = tiles or _gate_up_tiles(N, E)
-    block_n = cfg["BLOCK_N"]
-    grid = (triton.cdiv(I, block_n), max_row_tiles(N, E, cfg["BLOCK_M"]))
+    cfg = tiles or _row_tiles("gate_up", N, E)
+    grid = (triton.cdiv(I, cfg["BLOCK_N"]), max_row_tiles(N, E, cfg["BLOCK_M"]))
+    w_desc = _descriptor(w_gate_up_E2IH, [cfg["BLOCK_N"], cfg["BLOCK_K"]], cfg)
     _gate_up_kernel[grid](
-        x_MH, buckets.row_of_slot_N, buckets.offsets_E1, w_gate_up_E2IH, h_NI, gu_N2I if save_gu else h_NI,
+        x_MH, buckets.row_of_slot_N, buckets.offsets_E1, w_desc or w_gate_up_E2IH, h_NI, gu_N2I if save_gu else h_NI,
         E, H, I, x_MH.stride(0), *w_gate_up_E2IH.stride(),
-        SAVE_GU=save_gu, EVEN_K=H % cfg["BLOCK_K"] == 0, E_PAD=pow2(E, 16),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"],
+        SAVE_GU=save_gu, EVEN_K=H % cfg["BLOCK_K"] == 0, W_TMA=w_desc is not None, E_PAD=pow2(E, 16),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **dot_flags(x_MH.dtype),
     )  # fmt: skip
     return h_NI, gu_N2I
 
 
 def grouped_linear(
-    a_NK: torch.Tensor,
+    a: torch.Tensor,
     buckets: ExpertBuckets,
     w_E: torch.Tensor,
     w_strides_enk: tuple[int, int, int],
     n_out: int,
     gu_N2I: torch.Tensor | None = None,
+    gather_a: bool = False,
+    row_scale_N: torch.Tensor | None = None,
     tiles: dict | None = None,
-) -> torch.Tensor:
-    """``out[n] = a[n] @ W_e^T`` where ``W_e[j, k] = w_E[e*s_e + j*s_n + k*s_k]`` is ``[n_out, K]``.
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``out[n] = a[src(n)] @ W_e^T`` where ``W_e[j, k] = w_E[e*s_e + j*s_n + k*s_k]`` is ``[n_out, K]``
+    and ``src(n)`` is ``row_of_slot[n]`` with ``gather_a``, else ``n``.
 
-    With ``gu_N2I`` the epilogue is the SwiGLU backward and the result is ``d(gate, up) [N, 2 * n_out]``.
+    With ``gu_N2I`` the epilogue is the SwiGLU backward and ``out`` is ``d(gate, up) [N, 2 * n_out]``.
+    With ``row_scale_N`` too (each slot's gate weight), the GEMM runs on the unweighted gradient,
+    whose dot with ``h`` comes back as per-column-tile partials ``[N, tiles]`` of the gate
+    weight's gradient, and rows are scaled before the SwiGLU backward. Returns (out, partials).
     """
-    N, K_dim = a_NK.shape
-    E = buckets.num_experts
+    N, E = buckets.num_slots, buckets.num_experts
+    K_dim = a.shape[1]
     width = 2 * n_out if gu_N2I is not None else n_out
-    out = torch.empty(N, width, dtype=a_NK.dtype, device=a_NK.device)
+    out = torch.empty(N, width, dtype=a.dtype, device=a.device)
+    cfg = tiles or _row_tiles("swiglu_bwd" if gu_N2I is not None else "linear", N, E)
+    n_tiles = triton.cdiv(n_out, cfg["BLOCK_N"])
+    dscale = torch.empty(N, n_tiles, dtype=torch.float32, device=a.device) if row_scale_N is not None else None
     if N == 0:
-        return out
-    cfg = tiles or _row_tiles(N, E)
-    grid = (triton.cdiv(n_out, cfg["BLOCK_N"]), max_row_tiles(N, E, cfg["BLOCK_M"]))
+        return out, dscale
+    grid = (n_tiles, max_row_tiles(N, E, cfg["BLOCK_M"]))
+    # W_e^T is either each [n_out, K] matrix of w_E as stored (K-major) or each [K, n_out] one.
+    w_kmajor = w_strides_enk[2] == 1
+    w_block = [cfg["BLOCK_N"], cfg["BLOCK_K"]] if w_kmajor else [cfg["BLOCK_K"], cfg["BLOCK_N"]]
+    natural = tuple(w_E.stride())
+    w_desc = _descriptor(w_E, w_block, cfg) if w_strides_enk in (natural, _transposed(w_E)) else None
+    a_desc = None if gather_a else _descriptor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]], cfg)
     _grouped_linear_kernel[grid](
-        a_NK, buckets.offsets_E1, w_E, out, gu_N2I if gu_N2I is not None else out,
-        E, K_dim, n_out, a_NK.stride(0), *w_strides_enk,
-        SWIGLU_BWD=gu_N2I is not None, EVEN_K=K_dim % cfg["BLOCK_K"] == 0, E_PAD=pow2(E, 16),
+        a_desc or a, buckets.row_of_slot_N, buckets.offsets_E1, w_desc or w_E, out, gu_N2I if gu_N2I is not None else out,
+        row_scale_N if row_scale_N is not None else out, dscale if dscale is not None else out,
+        E, K_dim, n_out, a.stride(0), *w_strides_enk,
+        GATHER_A=gather_a, SWIGLU_BWD=gu_N2I is not None, ROW_SCALE=row_scale_N is not None,
+        EVEN_K=K_dim % cfg["BLOCK_K"] == 0, A_TMA=a_desc is not None, W_TMA=w_desc is not None,
+        W_KMAJOR=w_kmajor, W_ROWS=w_E.shape[1], E_PAD=pow2(E, 16),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **dot_flags(a_NK.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **dot_flags(a.dtype),
     )  # fmt: skip
-    return out
+    return out, dscale
 
 
 def grouped_wgrad(
-    a_NP: torch.Tensor,
-    b_MQ: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
     buckets: ExpertBuckets,
     gather_b: bool,
     dtype: torch.dtype,
+    row_scale_N: torch.Tensor | None = None,
     tiles: dict | None = None,
 ) -> torch.Tensor:
-    """``dW[e] = sum over e's rows n of a[n]^T b[src(n)]``, ``[E, P, Q]`` (src = row_of_slot if gathered)."""
-    P, Q, E = a_NP.shape[1], b_MQ.shape[1], buckets.num_experts
-    dw = torch.empty(E, P, Q, dtype=dtype, device=a_NP.device)
+    """``dW[e] = sum over e's rows n of a'[n]^T b[src(n)]``, ``[E, P, Q]``.
+
+    ``src(n)`` is ``row_of_slot[n]`` with ``gather_b``, else ``n``. ``a'[n]`` is ``a[n]``, or with
+    ``row_scale_N`` the gathered, scaled ``a[row_of_slot[n]] * row_scale[n]``.
+    """
+    P, Q, E = a.shape[1], b.shape[1], buckets.num_experts
+    dw = torch.empty(E, P, Q, dtype=dtype, device=a.device)
     if E == 0:
         return dw
     cfg = tiles or _wgrad_tiles()
     grid = (triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(Q, cfg["BLOCK_Q"]), E)
     _grouped_wgrad_kernel[grid](
-        a_NP, b_MQ, buckets.row_of_slot_N, buckets.offsets_E1, dw, P, Q, a_NP.stride(0), b_MQ.stride(0),
-        GATHER_B=gather_b, BLOCK_P=cfg["BLOCK_P"], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **dot_flags(a_NP.dtype),
+        a, b, buckets.row_of_slot_N, row_scale_N if row_scale_N is not None else a, buckets.offsets_E1, dw,
+        P, Q, a.stride(0), b.stride(0),
+        GATHER_A=row_scale_N is not None, GATHER_B=gather_b,
+        BLOCK_P=cfg["BLOCK_P"], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **dot_flags(a.dtype),
     )  # fmt: skip
     return dw
 
 
+def _descriptor(t: torch.Tensor, block: list[int], cfg: dict) -> TensorDescriptor | None:
+    """A TMA descriptor over ``t`` viewed as 2-D ``[rows, last dim]``, when tiles use TMA.
+
+    ``cfg["TMA"]`` (default: on for compute capability 9.0+) turns it on; tensors TMA cannot
+    address (not contiguous, rows not 16-byte aligned) keep the pointer path.
+    """
+    if TensorDescriptor is None or not cfg.get("TMA", _tma_default(t)):
+        return None
+    if not t.is_contiguous() or t.numel() == 0 or (t.shape[-1] * t.element_size()) % 16:
+        return None
+    return TensorDescriptor.from_tensor(t.view(-1, t.shape[-1]), block)
+
+
+def _tma_default(t: torch.Tensor) -> bool:
+    return TMA_BY_DEFAULT and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def _check_dtypes(x_MH: torch.Tensor, w_gate_up_E2IH: torch.Tensor, w_down_EHI: torch.Tensor) -> None:
+    if not (x_MH.dtype == w_gate_up_E2IH.dtype == w_down_EHI.dtype):
+        raise ValueError(
+            "the triton backend needs x and the expert weights in one dtype, got "
+            f"x {x_MH.dtype}, gate_up_proj {w_gate_up_E2IH.dtype}, down_proj {w_down_EHI.dtype}"
+        )
+
+
+def _transposed(w: torch.Tensor) -> tuple[int, int, int]:
+    """Strides that view each ``[A, B]`` matrix of ``w [E, A, B]`` as ``[B, A]``."""
+    s_e, s_a, s_b = w.stride()
+    return s_e, s_b, s_a
+
+
+def _forward(
+    x_MH: torch.Tensor, buckets: ExpertBuckets, w_gate_up: torch.Tensor, w_down: torch.Tensor, save: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(y_NH, h_NI, gu_N2I)``: both GEMMs of the forward."""
+    h_NI, gu_N2I = gate_up_fwd(x_MH, buckets, w_gate_up, save)
+    y_NH, _ = grouped_linear(h_NI, buckets, w_down, w_down.stride(), w_down.shape[1])
+    return y_NH, h_NI, gu_N2I
+
+
+def _input_grads(
+    needs_x: bool, needs_gate_up: bool, dgu_N2I: torch.Tensor, x_MH: torch.Tensor, w_gate_up: torch.Tensor, buckets: ExpertBuckets
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``d x`` and ``d gate_up_proj`` from ``d(gate, up)``."""
+    dx = dw_gate_up = None
+    if needs_x:
+        dx_NH, _ = grouped_linear(dgu_N2I, buckets, w_gate_up, _transposed(w_gate_up), x_MH.shape[1])
+        dx = gather_sum(dx_NH, buckets.slot_of_row_MR, None, x_MH.dtype)
+    if needs_gate_up:
+        dw_gate_up = grouped_wgrad(dgu_N2I, x_MH, buckets, gather_b=True, dtype=w_gate_up.dtype)
+    return dx, dw_gate_up
+
+
 class _ExpertMLP(torch.autograd.Function):
+    """``y_NH`` in bucket order (the expert-parallel dispatchers need the rows before combining)."""
+
     @staticmethod
     def forward(ctx, x_MH, w_gate_up_E2IH, w_down_EHI, row_of_slot_N, slot_of_row_MR, offsets_E1):  # type: ignore[override]
         buckets = ExpertBuckets(row_of_slot_N, slot_of_row_MR, offsets_E1)
-        save_gu = any(ctx.needs_input_grad[:3])
-        h_NI, gu_N2I = gate_up_fwd(x_MH, buckets, w_gate_up_E2IH, save_gu)
-        H = w_down_EHI.shape[1]
-        y_NH = grouped_linear(h_NI, buckets, w_down_EHI, w_down_EHI.stride(), H)
-        if save_gu:
-            ctx.save_for_backward(
-                x_MH, w_gate_up_E2IH, w_down_EHI, row_of_slot_N, slot_of_row_MR, offsets_E1, h_NI, gu_N2I
-            )
+        save = any(ctx.needs_input_grad[:3])
+        y_NH, h_NI, gu_N2I = _forward(x_MH, buckets, w_gate_up_E2IH, w_down_EHI, save)
+        if save:
+            ctx.save_for_backward(x_MH, w_gate_up_E2IH, w_down_EHI, row_of_slot_N, slot_of_row_MR, offsets_E1, h_NI, gu_N2I)
         return y_NH
 
     @staticmethod
@@ -341,35 +418,78 @@ class _ExpertMLP(torch.autograd.Function):
         x_MH, w_gate_up, w_down, row_of_slot, slot_of_row, offsets, h_NI, gu_N2I = ctx.saved_tensors
         buckets = ExpertBuckets(row_of_slot, slot_of_row, offsets)
         dy_NH = dy_NH.contiguous()
-        I = w_down.shape[2]
-        s_e, s_h, s_i = w_down.stride()
-        dgu_N2I = grouped_linear(dy_NH, buckets, w_down, (s_e, s_i, s_h), I, gu_N2I=gu_N2I)
-        dx = dw_gate_up = dw_down = None
-        if ctx.needs_input_grad[0]:
-            s_e, s_2i, s_h = w_gate_up.stride()
-            dx_NH = grouped_linear(dgu_N2I, buckets, w_gate_up, (s_e, s_h, s_2i), x_MH.shape[1])
-            dx = gather_sum(dx_NH, slot_of_row, None, x_MH.dtype)
-        if ctx.needs_input_grad[1]:
-            dw_gate_up = grouped_wgrad(dgu_N2I, x_MH, buckets, gather_b=True, dtype=w_gate_up.dtype)
-        if ctx.needs_input_grad[2]:
-            dw_down = grouped_wgrad(dy_NH, h_NI, buckets, gather_b=False, dtype=w_down.dtype)
+        dgu_N2I, _ = grouped_linear(dy_NH, buckets, w_down, _transposed(w_down), w_down.shape[2], gu_N2I=gu_N2I)
+        needs = ctx.needs_input_grad
+        dx, dw_gate_up = _input_grads(needs[0], needs[1], dgu_N2I, x_MH, w_gate_up, buckets)
+        dw_down = grouped_wgrad(dy_NH, h_NI, buckets, gather_b=False, dtype=w_down.dtype) if needs[2] else None
         return dx, dw_gate_up, dw_down, None, None, None
+
+
+class _ExpertMLPCombine(torch.autograd.Function):
+    """``combine(expert_mlp(x))`` whose backward never materialises the routed rows' gradient.
+
+    Backward: ``d(gate, up)`` comes from one GEMM over the output gradient gathered per routed row;
+    its epilogue also yields each row's gate-weight gradient ``<dy_token, y_row>`` computed as
+    ``<dy_token @ W_down, h_row>``, so ``y_NH`` is not kept; ``d down_proj`` reads the same
+    gathered rows scaled by their gate weights. Saved: x, h, the pre-activations, the metadata.
+    """
+
+    @staticmethod
+    def forward(ctx, x_MH, w_gate_up_E2IH, w_down_EHI, weights_MR, row_of_slot_N, slot_of_row_MR, offsets_E1, out_dtype):  # type: ignore[override]
+        buckets = ExpertBuckets(row_of_slot_N, slot_of_row_MR, offsets_E1)
+        save = any(ctx.needs_input_grad[:4])
+        y_NH, h_NI, gu_N2I = _forward(x_MH, buckets, w_gate_up_E2IH, w_down_EHI, save)
+        weights_f32 = weights_MR.float().contiguous()
+        out_MH = gather_sum(y_NH, slot_of_row_MR, weights_f32, out_dtype)
+        if save:
+            ctx.save_for_backward(
+                x_MH, w_gate_up_E2IH, w_down_EHI, weights_f32, row_of_slot_N, slot_of_row_MR, offsets_E1, h_NI, gu_N2I
+            )
+            ctx.weights_dtype = weights_MR.dtype
+        return out_MH
+
+    @staticmethod
+    def backward(ctx, dout_MH):  # type: ignore[override]
+        x_MH, w_gate_up, w_down, weights, row_of_slot, slot_of_row, offsets, h_NI, gu_N2I = ctx.saved_tensors
+        buckets = ExpertBuckets(row_of_slot, slot_of_row, offsets)
+        dout_MH = dout_MH.to(x_MH.dtype).contiguous()
+        weight_of_slot_N = torch.empty(buckets.num_slots, dtype=torch.float32, device=weights.device)
+        weight_of_slot_N[slot_of_row.reshape(-1).long()] = weights.reshape(-1)  # a permutation: no repeats
+        dgu_N2I, dweight_parts_NT = grouped_linear(
+            dout_MH, buckets, w_down, _transposed(w_down), w_down.shape[2],
+            gu_N2I=gu_N2I, gather_a=True, row_scale_N=weight_of_slot_N,
+        )  # fmt: skip
+        needs = ctx.needs_input_grad
+        dx, dw_gate_up = _input_grads(needs[0], needs[1], dgu_N2I, x_MH, w_gate_up, buckets)
+        dw_down = dweights = None
+        if needs[2]:
+            dw_down = grouped_wgrad(dout_MH, h_NI, buckets, False, w_down.dtype, row_scale_N=weight_of_slot_N)
+        if needs[3]:
+            dweights = dweight_parts_NT.sum(1)[slot_of_row.long()].to(ctx.weights_dtype)
+        return dx, dw_gate_up, dw_down, dweights, None, None, None, None
 
 
 def expert_mlp(
     x_MH: torch.Tensor, buckets: ExpertBuckets, w_gate_up_E2IH: torch.Tensor, w_down_EHI: torch.Tensor
 ) -> torch.Tensor:
     """``y_NH`` (x's dtype) in bucket order; see the module docstring."""
-    if not (x_MH.dtype == w_gate_up_E2IH.dtype == w_down_EHI.dtype):
-        raise ValueError(
-            "the triton backend needs x and the expert weights in one dtype, got "
-            f"x {x_MH.dtype}, gate_up_proj {w_gate_up_E2IH.dtype}, down_proj {w_down_EHI.dtype}"
-        )
+    _check_dtypes(x_MH, w_gate_up_E2IH, w_down_EHI)
     return _ExpertMLP.apply(
-        x_MH.contiguous(),
-        w_gate_up_E2IH,
-        w_down_EHI,
-        buckets.row_of_slot_N,
-        buckets.slot_of_row_MR,
-        buckets.offsets_E1,
+        x_MH.contiguous(), w_gate_up_E2IH, w_down_EHI, buckets.row_of_slot_N, buckets.slot_of_row_MR, buckets.offsets_E1
     )
+
+
+def expert_mlp_combine(
+    x_MH: torch.Tensor,
+    buckets: ExpertBuckets,
+    w_gate_up_E2IH: torch.Tensor,
+    w_down_EHI: torch.Tensor,
+    weights_MR: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``y_MH[m] = sum_r weights[m, r] * expert(x_MH[m])`` in ``out_dtype``: the local layer's path."""
+    _check_dtypes(x_MH, w_gate_up_E2IH, w_down_EHI)
+    return _ExpertMLPCombine.apply(
+        x_MH.contiguous(), w_gate_up_E2IH, w_down_EHI, weights_MR,
+        buckets.row_of_slot_N, buckets.slot_of_row_MR, buckets.offsets_E1, out_dtype,
+    )  # fmt: skip

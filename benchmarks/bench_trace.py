@@ -85,6 +85,7 @@ def bench_record(args: argparse.Namespace) -> dict[str, object]:
         "hidden_size": args.hidden,
         "intermediate_size": args.intermediate,
         "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
         "forward_s_median": plain_s,
         "forward_record_s_median": record_s,
         "overhead": record_s / plain_s - 1.0,
@@ -155,9 +156,39 @@ def bench_files(args: argparse.Namespace) -> dict[str, object]:
         "bytes_per_id": size / (T * L * K),
         "save_s_median": statistics.median(save_s),
         "load_s_median": statistics.median(load_s),
+        "threads": torch.get_num_threads(),
         "save_s_all": save_s,
         "load_s_all": load_s,
     }
+
+
+def print_record(rec: dict) -> None:
+    print(
+        f"recording overhead: T={rec['tokens']}, {rec['layers']} x mr.MoE(E={rec['num_experts']}, "
+        f"K={rec['top_k']}, H={rec['hidden_size']}, I={rec['intermediate_size']}), backend torch, CPU, "
+        f"{rec['threads']} threads, median of {rec['repeats']}"
+    )
+    print(f"  {'forward':<22} {1e3 * rec['forward_s_median']:9.1f} ms")
+    print(f"  {'forward inside record':<22} {1e3 * rec['forward_record_s_median']:9.1f} ms")
+    print(f"  {'overhead (medians)':<22} {100 * rec['overhead']:+9.2f} %   (target < 2 %)")
+    print(
+        f"  {'overhead (paired)':<22} {100 * rec['overhead_paired_median']:+9.2f} %   (median of pair ratios)"
+    )
+    print(f"  {'overhead (minima)':<22} {100 * rec['overhead_min']:+9.2f} %")
+    print(
+        f"  {'record cost alone':<22} {1e6 * rec['record_cost_s']:9.1f} us = "
+        f"{100 * rec['overhead_record_cost_over_min_forward']:.4f} % of the fastest forward"
+    )
+
+
+def print_files(files: dict, repeats: int) -> None:
+    print(
+        f"trace file: [{files['tokens']} tokens, {files['layers']} layers, {files['top_k']}], "
+        f"num_experts={files['num_experts']}, {files['file_bytes'] / 2**20:.1f} MiB "
+        f"({files['bytes_per_id']:.3f} bytes/id), median of {repeats}"
+    )
+    print(f"  {'save':<22} {1e3 * files['save_s_median']:9.1f} ms   (target < 1000 ms)")
+    print(f"  {'load':<22} {1e3 * files['load_s_median']:9.1f} ms   (target < 1000 ms)")
 
 
 def main() -> int:
@@ -178,36 +209,18 @@ def main() -> int:
     p.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
     )
+    p.add_argument("--only", choices=("record", "files"), default=None, help="run one of the two parts")
     p.add_argument("--json", default=None, help="write the results here as JSON")
     args = p.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    rec = bench_record(args)
-    files = bench_files(args)
-    print(
-        f"recording overhead: T={rec['tokens']}, {rec['layers']} x mr.MoE(E={rec['num_experts']}, "
-        f"K={rec['top_k']}, H={rec['hidden_size']}, I={rec['intermediate_size']}), backend torch, CPU, "
-        f"{torch.get_num_threads()} threads, median of {rec['repeats']}"
-    )
-    print(f"  {'forward':<22} {1e3 * rec['forward_s_median']:9.1f} ms")
-    print(f"  {'forward inside record':<22} {1e3 * rec['forward_record_s_median']:9.1f} ms")
-    print(f"  {'overhead (medians)':<22} {100 * rec['overhead']:+9.2f} %   (target < 2 %)")
-    print(
-        f"  {'overhead (paired)':<22} {100 * rec['overhead_paired_median']:+9.2f} %   (median of pair ratios)"
-    )
-    print(f"  {'overhead (minima)':<22} {100 * rec['overhead_min']:+9.2f} %")
-    print(
-        f"  {'record cost alone':<22} {1e6 * rec['record_cost_s']:9.1f} us = "
-        f"{100 * rec['overhead_record_cost_over_min_forward']:.4f} % of the fastest forward"
-    )
-    print(
-        f"trace file: [{files['tokens']} tokens, {files['layers']} layers, {files['top_k']}], "
-        f"num_experts={files['num_experts']}, {files['file_bytes'] / 2**20:.1f} MiB "
-        f"({files['bytes_per_id']:.3f} bytes/id), median of {args.file_repeats}"
-    )
-    print(f"  {'save':<22} {1e3 * files['save_s_median']:9.1f} ms   (target < 1000 ms)")
-    print(f"  {'load':<22} {1e3 * files['load_s_median']:9.1f} ms   (target < 1000 ms)")
+    rec = bench_record(args) if args.only in (None, "record") else None
+    files = bench_files(args) if args.only in (None, "files") else None
+    if rec is not None:
+        print_record(rec)
+    if files is not None:
+        print_files(files, args.file_repeats)
     if args.json:
         result = {
             "machine": {
@@ -216,6 +229,7 @@ def main() -> int:
                 "cpus": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(),
                 "torch": torch.__version__,
+                "load_average_1_5_15_min": os.getloadavg(),
             },
             "record": rec,
             "files": files,

@@ -8,7 +8,7 @@ Data movement, on each rank::
     buckets = dispatch(ids_TK, E)            rows sorted by global expert = grouped by owner rank
     all-to-all of per-expert row counts (+ a grad flag)                (one host sync)
     x_NH = permute_rows(x_TH, buckets) ─► all-to-all ─► x_MH           (source-rank order)
-    dispatch(ids_M1 of local experts, E_loc) ─► experts ─► combine(weights 1): y_MH, received order
+    dispatch(ids_M1 of local experts, E_loc) ─► experts + combine(weights 1): y_MH, received order
     y_MH ─► all-to-all back ─► y_NH          (in ``buckets`` order again)
     y_TH = combine(y_NH, buckets, weights_TK)                         on the origin rank
 
@@ -117,8 +117,9 @@ class AllToAllDispatcher:
         expert_of_block = torch.arange(E_loc, dtype=torch.int32, device=device).repeat(part.world_size)
         ids_M1 = torch.repeat_interleave(expert_of_block, rows_per_source_expert.reshape(-1), output_size=M)
         local = backend.dispatch(ids_M1.view(M, 1), E_loc)
-        y_sorted_MH = experts(x_MH, local, backend)
+        # Experts, then a combine with weight 1 (R = 1): the rows come back in received order. One
+        # fused stage where the backend has it (experts.forward_combined -> expert_mlp_combine).
         ones_M1 = torch.ones(M, 1, dtype=torch.float32, device=device)
-        y_MH = backend.combine(y_sorted_MH, local, ones_M1, x_TH.dtype)  # back to received order
+        y_MH = experts.forward_combined(x_MH, local, ones_M1, backend, x_TH.dtype)
         y_NH = all_to_all_rows(y_MH, recv_counts, send_counts, self.group)
         return backend.combine(y_NH, buckets, weights_TK, x_TH.dtype)

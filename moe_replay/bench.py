@@ -25,6 +25,7 @@ Max error is against the torch reference (float32 accumulation) on the same inpu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -42,7 +43,10 @@ PEAK_BYTES = 3.0e12  # device copy, read + write
 
 SHAPES: dict[str, dict] = {
     "qwen3-30b-a3b": {"hidden_size": 2048, "num_experts": 128, "top_k": 8, "intermediate_size": 768},
-    "olmoe-1b-7b": {"hidden_size": 2048, "num_experts": 64, "top_k": 8, "intermediate_size": 1024, "norm_topk_prob": False},
+    "olmoe-1b-7b": {
+        "hidden_size": 2048, "num_experts": 64, "top_k": 8, "intermediate_size": 1024,
+        "norm_topk_prob": False,
+    },
     "mixtral-8x7b": {"hidden_size": 4096, "num_experts": 8, "top_k": 2, "intermediate_size": 14336},
     "deepseek-v3": {
         "hidden_size": 7168, "num_experts": 256, "top_k": 8, "intermediate_size": 2048, "scoring": "sigmoid",
@@ -109,8 +113,10 @@ def _baseline_routing(
     return w * cfg.routed_scaling_factor
 
 
-def _grouped_mm_pipeline(x, gate_up, down, ids, w):  # type: ignore[no-untyped-def]
-    T, K = ids.shape
+def _grouped_mm_pipeline(
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, w: torch.Tensor
+) -> torch.Tensor:
+    K = ids.shape[1]
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=gate_up.shape[0])
@@ -199,14 +205,14 @@ def _time(fn: Callable[[], object], use_graph: bool, calls: int) -> tuple[float,
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 fn()
-            ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+            ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
             return ms / calls, "cuda-graph"
         except Exception as error:  # a baseline with host syncs cannot be captured: time it eagerly
             torch.cuda.synchronize()
             note = f"eager (graph capture failed: {type(error).__name__})"
     else:
         note = "eager"
-    ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     return ms / calls, note
 
 
@@ -250,54 +256,66 @@ def measure(
             r.error = "skipped: only with --routing router"
             continue
         try:
-            run = build_impl(impl, cfg, moe, id_sets)
-            params = [moe.router.weight, moe.experts.gate_up_proj, moe.experts.down_proj]
-            with torch.no_grad():
-                outs = run(xs)
-            if reference is not None:
-                diff = (outs[0].float() - reference.float()).abs()
-                r.max_abs_err = diff.max().item() if diff.numel() else 0.0
-                r.rel_err = (diff.norm() / reference.float().norm().clamp_min(1e-30)).item()
-            del outs
-
-            def fwd() -> None:
-                with torch.no_grad():
-                    run(xs)
-
-            xs_grad = [x.detach().requires_grad_() for x in xs]
-
-            def fwdbwd() -> None:
-                outs = run(xs_grad)
-                torch.autograd.backward(outs, dys, inputs=[*params, *xs_grad])
-
-            use_graph = T <= GRAPH_MAX_TOKENS and impl in GRAPH_SAFE
-            r.fwd_ms, r.timing = _time(fwd, use_graph, calls)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fwdbwd()
-            torch.cuda.synchronize()
-            r.peak_mem_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
-            for p in params:
-                p.grad = None
-            r.fwdbwd_ms, timing_bwd = _time(fwdbwd, use_graph, calls)
-            if timing_bwd != r.timing:
-                r.notes.append(f"fwd+bwd timed {timing_bwd}")
-            for p in [*params, *xs_grad]:
-                p.grad = None
-            if T:
-                r.fwd_tflops = flops / (r.fwd_ms * 1e-3) / 1e12
-                r.fwdbwd_tflops = 3 * flops / (r.fwdbwd_ms * 1e-3) / 1e12
-                r.fwd_floor_pct = 100 * floor_s / (r.fwd_ms * 1e-3)
-                r.fwdbwd_floor_pct = 100 * 3 * floor_s / (r.fwdbwd_ms * 1e-3)
-            if hasattr(run, "scope"):
-                run.scope.__exit__(None, None, None)
+            _measure_impl(r, cfg, moe, id_sets, xs, dys, reference, calls)
         except Exception as error:
             r.error = f"{type(error).__name__}: {error}".splitlines()[0][:300]
             traceback.print_exc()
             torch.cuda.synchronize()
         torch.cuda.empty_cache()
+        if T and r.fwd_ms and r.fwdbwd_ms:
+            r.fwd_tflops = flops / (r.fwd_ms * 1e-3) / 1e12
+            r.fwdbwd_tflops = 3 * flops / (r.fwdbwd_ms * 1e-3) / 1e12
+            r.fwd_floor_pct = 100 * floor_s / (r.fwd_ms * 1e-3)
+            r.fwdbwd_floor_pct = 100 * 3 * floor_s / (r.fwdbwd_ms * 1e-3)
     return results
+
+
+def _measure_impl(
+    r: Result,
+    cfg: mr.MoEConfig,
+    moe: mr.MoE,
+    id_sets: list[torch.Tensor],
+    xs: list[torch.Tensor],
+    dys: list[torch.Tensor],
+    reference: torch.Tensor | None,
+    calls: int,
+) -> None:
+    """Fill ``r``'s error, times and memory for one implementation."""
+    run = build_impl(r.impl, cfg, moe, id_sets)
+    params = [moe.router.weight, moe.experts.gate_up_proj, moe.experts.down_proj]
+    with torch.no_grad():
+        outs = run(xs)
+    if reference is not None:
+        diff = (outs[0].float() - reference.float()).abs()
+        r.max_abs_err = diff.max().item() if diff.numel() else 0.0
+        r.rel_err = (diff.norm() / reference.float().norm().clamp_min(1e-30)).item()
+    del outs
+    xs_grad = [x.detach().requires_grad_() for x in xs]
+
+    def fwd() -> None:
+        with torch.no_grad():
+            run(xs)
+
+    def fwdbwd() -> None:
+        torch.autograd.backward(run(xs_grad), dys, inputs=[*params, *xs_grad])
+
+    use_graph = r.tokens <= GRAPH_MAX_TOKENS and r.impl in GRAPH_SAFE
+    r.fwd_ms, r.timing = _time(fwd, use_graph, calls)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwdbwd()
+    torch.cuda.synchronize()
+    r.peak_mem_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
+    for p in params:
+        p.grad = None
+    r.fwdbwd_ms, timing_bwd = _time(fwdbwd, use_graph, calls)
+    if timing_bwd != r.timing:
+        r.notes.append(f"fwd+bwd timed {timing_bwd}")
+    for p in [*params, *xs_grad]:
+        p.grad = None
+    if hasattr(run, "scope"):
+        run.scope.__exit__(None, None, None)
 
 
 def bench_routing_kernel(T: int = 4096, shape: str = "qwen3-30b-a3b") -> dict:
@@ -324,7 +342,10 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def print_table(results: list[Result]) -> None:
-    head = f"{'shape':<14}{'T':>6} {'routing':<8}{'impl':<14}{'fwd ms':>9}{'f+b ms':>9}{'fwd TF/s':>9}{'f+b TF/s':>9}{'fwd %fl':>8}{'f+b %fl':>8}{'mem GiB':>8}{'max err':>9}  timing"
+    head = (
+        f"{'shape':<14}{'T':>6} {'routing':<8}{'impl':<14}{'fwd ms':>9}{'f+b ms':>9}{'fwd TF/s':>9}"
+        f"{'f+b TF/s':>9}{'fwd %fl':>8}{'f+b %fl':>8}{'mem GiB':>8}{'max err':>9}  timing"
+    )
     print(head)
     print("-" * len(head))
     for r in results:
@@ -332,8 +353,9 @@ def print_table(results: list[Result]) -> None:
             print(f"{r.shape:<14}{r.tokens:>6} {r.routing:<8}{r.impl:<14}  {r.error}")
             continue
         print(
-            f"{r.shape:<14}{r.tokens:>6} {r.routing:<8}{r.impl:<14}{_fmt(r.fwd_ms, '9.3f')}{_fmt(r.fwdbwd_ms, '9.3f')}"
-            f"{_fmt(r.fwd_tflops, '9.0f')}{_fmt(r.fwdbwd_tflops, '9.0f')}{_fmt(r.fwd_floor_pct, '8.0f')}"
+            f"{r.shape:<14}{r.tokens:>6} {r.routing:<8}{r.impl:<14}"
+            f"{_fmt(r.fwd_ms, '9.3f')}{_fmt(r.fwdbwd_ms, '9.3f')}{_fmt(r.fwd_tflops, '9.0f')}"
+            f"{_fmt(r.fwdbwd_tflops, '9.0f')}{_fmt(r.fwd_floor_pct, '8.0f')}"
             f"{_fmt(r.fwdbwd_floor_pct, '8.0f')}{_fmt(r.peak_mem_gib, '8.2f')}{_fmt(r.max_abs_err, '9.2e')}  {r.timing}"
         )
 
@@ -376,10 +398,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "triton": __import__("triton").__version__,
         "cuda": torch.version.cuda,
     }
-    try:
+    with contextlib.suppress(ImportError):
         env["transformers"] = __import__("transformers").__version__
-    except ImportError:
-        pass
     print(json.dumps(env))
     results: list[Result] = []
     extra: dict = {}

@@ -102,7 +102,9 @@ def _dispatch_small_kernel(
         ok = (slots < N) & (ids >= 0) & (ids < E)
         one_hot = ids[:, None] == experts[None, :]
         earlier_same = (ids[:, None] == ids[None, :]) & (local[None, :] < local[:, None])
-        sorted_pos = tl.sum(tl.where(one_hot, next_slot[None, :], 0), 1) + tl.sum(earlier_same.to(tl.int32), 1)
+        sorted_pos = tl.sum(tl.where(one_hot, next_slot[None, :], 0), 1) + tl.sum(
+            earlier_same.to(tl.int32), 1
+        )
         tl.store(slot_of_row_ptr + slots, sorted_pos, mask=ok)
         tl.store(row_of_slot_ptr + sorted_pos, slots // R, mask=ok)
         next_slot += tl.histogram(ids, E_PAD, mask=ok)

@@ -32,7 +32,14 @@ import triton
 import triton.language as tl
 
 from moe_replay.backends.base import ExpertBuckets
-from moe_replay.backends.triton._common import dot_flags, expert_of_tile, interpreting, max_row_tiles, mma, pow2
+from moe_replay.backends.triton._common import (
+    dot_flags,
+    expert_of_tile,
+    interpreting,
+    max_row_tiles,
+    mma,
+    pow2,
+)
 from moe_replay.backends.triton.combine import gather_sum
 
 try:
@@ -42,7 +49,8 @@ except ImportError:  # Triton < 3.4: pointer loads only
 
 # Whether kernels on compute capability 9.0+ load weights (and unpermuted activations) through
 # TMA descriptors. MOE_REPLAY_TRITON_TMA=0/1 overrides (a tuning switch for benchmarks).
-TMA_BY_DEFAULT = os.environ.get("MOE_REPLAY_TRITON_TMA", "0") == "1"
+TMA_BY_DEFAULT = os.environ.get("MOE_REPLAY_TRITON_TMA", "1") == "1"
+
 
 # fmt: off
 @triton.jit
@@ -102,7 +110,7 @@ def _gate_up_kernel(
 
 @triton.jit
 def _grouped_linear_kernel(
-    a_ptr, row_of_slot_ptr, offsets_ptr, w_ptr, out_ptr, gu_ptr, row_scale_ptr, dscale_ptr,
+    a_ptr, row_of_slot_ptr, offsets_ptr, w_ptr, out_ptr, gu_ptr, row_scale_ptr, dscale_ptr, hw_ptr,
     E, K_DIM, N_OUT, stride_am, stride_we, stride_wn, stride_wk,
     GATHER_A: tl.constexpr, SWIGLU_BWD: tl.constexpr, ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
     A_TMA: tl.constexpr, W_TMA: tl.constexpr, W_KMAJOR: tl.constexpr, W_ROWS: tl.constexpr,
@@ -160,10 +168,15 @@ def _grouped_linear_kernel(
             s = tl.sigmoid(g)
             if ROW_SCALE:
                 # acc is dy @ W_down for the unweighted gradient of the row's token: its dot with
-                # h is this tile's share of d(gate weight); then the row's gate weight scales it.
-                partial = tl.sum(acc * (g * s * u), 1)
+                # h is this tile's share of d(gate weight); then the row's gate weight scales it,
+                # and h * weight is stored for d down_proj = sum over rows of dy^T (weight h).
+                h = g * s * u
+                partial = tl.sum(acc * h, 1)
                 tl.store(dscale_ptr + rows64 * tl.num_programs(0) + pid_n, partial, mask=row_ok)
-                acc = acc * tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+                row_w = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+                acc = acc * row_w
+                hw = hw_ptr + rows64[:, None] * N_OUT + cols[None, :]
+                tl.store(hw, (h * row_w).to(hw_ptr.dtype.element_ty), mask=out_ok)
             dg = acc * u * s * (1.0 + g * (1.0 - s))
             du = acc * g * s
             dgu = out_ptr + rows64[:, None] * (2 * N_OUT) + cols[None, :]
@@ -175,7 +188,7 @@ def _grouped_linear_kernel(
 
 @triton.jit
 def _grouped_wgrad_kernel(
-    a_ptr, b_ptr, row_of_slot_ptr, row_scale_ptr, offsets_ptr, dw_ptr,
+    a_ptr, b_ptr, row_of_slot_ptr, offsets_ptr, dw_ptr,
     P, Q, stride_am, stride_bm,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
@@ -203,9 +216,6 @@ def _grouped_wgrad_kernel(
         a_rows = src if GATHER_A else rows64
         b_rows = src if GATHER_B else rows64
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + ps[None, :], mask=r_ok[:, None] & p_ok[None, :], other=0.0)
-        if GATHER_A:  # A holds token rows' output gradients; each slot scales its copy by its gate weight
-            scale = tl.load(row_scale_ptr + rows, mask=r_ok, other=0.0)
-            a = (a.to(tl.float32) * scale[:, None]).to(a_ptr.dtype.element_ty)
         b = tl.load(b_ptr + b_rows[:, None] * stride_bm + qs[None, :], mask=r_ok[:, None] & q_ok[None, :], other=0.0)
         acc = mma(tl.trans(a), b, acc, DOT_FP32, IEEE)
     dw = dw_ptr + expert.to(tl.int64) * P * Q + ps[:, None] * Q + qs[None, :]
@@ -216,15 +226,25 @@ def _grouped_wgrad_kernel(
 # Tile shapes measured on an H100 (benchmarks/profile_stages.py, Qwen3-30B-A3B shape, T=4096 and
 # 16384; benchmarks/RESULTS.md): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel,
 # chosen by the mean rows per expert. Three stages beat four at BLOCK_M=128 except where the
-# SwiGLU-backward epilogue reads and writes two more tiles.
+# SwiGLU-backward epilogue reads and writes two more tiles. With TMA (forward kernels, sm90)
+# gate_up went 1.70 -> 1.53 ms and down 0.92 -> 0.86 ms at T=16384; the transposed-weight
+# data-gradient kernels were no faster with it (1.39 vs 1.61 ms), so they keep pointer loads.
 _LARGE_TILES = {
-    "gate_up": (128, 64, 64, 8, 3),  # BLOCK_N per accumulator: the gate and up tiles side by side
+    "gate_up": (128, 128, 64, 8, 3),  # BLOCK_N per accumulator: the gate and up tiles side by side
     "linear": (128, 256, 64, 8, 3),
     "swiglu_bwd": (128, 128, 64, 8, 4),
 }
-_MEDIUM_TILES = {"gate_up": (64, 64, 64, 4, 4), "linear": (64, 128, 64, 4, 4), "swiglu_bwd": (64, 128, 64, 4, 4)}
+_MEDIUM_TILES = {
+    "gate_up": (64, 64, 64, 4, 4),
+    "linear": (64, 128, 64, 4, 4),
+    "swiglu_bwd": (64, 128, 64, 4, 4),
+}
 # Decode sizes: a few rows per expert, so the time is reading each active expert's weights once.
-_DECODE_TILES = {"gate_up": (16, 64, 128, 4, 4), "linear": (16, 64, 128, 4, 4), "swiglu_bwd": (16, 64, 128, 4, 4)}
+_DECODE_TILES = {
+    "gate_up": (16, 64, 128, 4, 4),
+    "linear": (16, 64, 128, 4, 4),
+    "swiglu_bwd": (16, 64, 128, 4, 4),
+}
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 
 
@@ -240,7 +260,7 @@ def _row_tiles(kind: str, num_rows: int, num_experts: int) -> dict:
 def _wgrad_tiles() -> dict:
     if interpreting():
         return {"BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_P": 128, "BLOCK_Q": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_P": 128, "BLOCK_Q": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 
 
 def gate_up_fwd(
@@ -287,7 +307,11 @@ def grouped_linear(
     With ``gu_N2I`` the epilogue is the SwiGLU backward and ``out`` is ``d(gate, up) [N, 2 * n_out]``.
     With ``row_scale_N`` too (each slot's gate weight), the GEMM runs on the unweighted gradient,
     whose dot with ``h`` comes back as per-column-tile partials ``[N, tiles]`` of the gate
-    weight's gradient, and rows are scaled before the SwiGLU backward. Returns (out, partials).
+    weight's gradient, rows are scaled before the SwiGLU backward, and ``h * weight [N, n_out]``
+    is stored too. Returns ``(out, partials, h * weight)``, the last two None without scaling.
+
+    TMA (compute capability 9.0+) is used where it measured faster: K-major weights, which the
+    forward GEMMs read, with the unpermuted A rows; ``tiles["TMA"]`` overrides.
     """
     N, E = buckets.num_slots, buckets.num_experts
     K_dim = a.shape[1]
@@ -295,19 +319,22 @@ def grouped_linear(
     out = torch.empty(N, width, dtype=a.dtype, device=a.device)
     cfg = tiles or _row_tiles("swiglu_bwd" if gu_N2I is not None else "linear", N, E)
     n_tiles = triton.cdiv(n_out, cfg["BLOCK_N"])
-    dscale = torch.empty(N, n_tiles, dtype=torch.float32, device=a.device) if row_scale_N is not None else None
+    scaled = row_scale_N is not None
+    dscale = torch.empty(N, n_tiles, dtype=torch.float32, device=a.device) if scaled else None
+    hw = torch.empty(N, n_out, dtype=a.dtype, device=a.device) if scaled else None
     if N == 0:
-        return out, dscale
+        return out, dscale, hw
     grid = (n_tiles, max_row_tiles(N, E, cfg["BLOCK_M"]))
     # W_e^T is either each [n_out, K] matrix of w_E as stored (K-major) or each [K, n_out] one.
     w_kmajor = w_strides_enk[2] == 1
     w_block = [cfg["BLOCK_N"], cfg["BLOCK_K"]] if w_kmajor else [cfg["BLOCK_K"], cfg["BLOCK_N"]]
+    tma = {"TMA": cfg.get("TMA", w_kmajor and _tma_default(a))}
     natural = tuple(w_E.stride())
-    w_desc = _descriptor(w_E, w_block, cfg) if w_strides_enk in (natural, _transposed(w_E)) else None
-    a_desc = None if gather_a else _descriptor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]], cfg)
+    w_desc = _descriptor(w_E, w_block, tma) if w_strides_enk in (natural, _transposed(w_E)) else None
+    a_desc = None if gather_a else _descriptor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]], tma)
     _grouped_linear_kernel[grid](
         a_desc or a, buckets.row_of_slot_N, buckets.offsets_E1, w_desc or w_E, out, gu_N2I if gu_N2I is not None else out,
-        row_scale_N if row_scale_N is not None else out, dscale if dscale is not None else out,
+        row_scale_N if scaled else out, dscale if scaled else out, hw if scaled else out,
         E, K_dim, n_out, a.stride(0), *w_strides_enk,
         GATHER_A=gather_a, SWIGLU_BWD=gu_N2I is not None, ROW_SCALE=row_scale_N is not None,
         EVEN_K=K_dim % cfg["BLOCK_K"] == 0, A_TMA=a_desc is not None, W_TMA=w_desc is not None,
@@ -315,23 +342,20 @@ def grouped_linear(
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **dot_flags(a.dtype),
     )  # fmt: skip
-    return out, dscale
+    return out, dscale, hw
 
 
 def grouped_wgrad(
     a: torch.Tensor,
     b: torch.Tensor,
     buckets: ExpertBuckets,
+    gather_a: bool,
     gather_b: bool,
     dtype: torch.dtype,
-    row_scale_N: torch.Tensor | None = None,
     tiles: dict | None = None,
 ) -> torch.Tensor:
-    """``dW[e] = sum over e's rows n of a'[n]^T b[src(n)]``, ``[E, P, Q]``.
-
-    ``src(n)`` is ``row_of_slot[n]`` with ``gather_b``, else ``n``. ``a'[n]`` is ``a[n]``, or with
-    ``row_scale_N`` the gathered, scaled ``a[row_of_slot[n]] * row_scale[n]``.
-    """
+    """``dW[e] = sum over e's rows n of a[src_a(n)]^T b[src_b(n)]``, ``[E, P, Q]``, where ``src`` is
+    ``row_of_slot`` for a gathered operand, else the identity."""
     P, Q, E = a.shape[1], b.shape[1], buckets.num_experts
     dw = torch.empty(E, P, Q, dtype=dtype, device=a.device)
     if E == 0:
@@ -339,9 +363,8 @@ def grouped_wgrad(
     cfg = tiles or _wgrad_tiles()
     grid = (triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(Q, cfg["BLOCK_Q"]), E)
     _grouped_wgrad_kernel[grid](
-        a, b, buckets.row_of_slot_N, row_scale_N if row_scale_N is not None else a, buckets.offsets_E1, dw,
-        P, Q, a.stride(0), b.stride(0),
-        GATHER_A=row_scale_N is not None, GATHER_B=gather_b,
+        a, b, buckets.row_of_slot_N, buckets.offsets_E1, dw, P, Q, a.stride(0), b.stride(0),
+        GATHER_A=gather_a, GATHER_B=gather_b,
         BLOCK_P=cfg["BLOCK_P"], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **dot_flags(a.dtype),
     )  # fmt: skip
@@ -384,20 +407,25 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(y_NH, h_NI, gu_N2I)``: both GEMMs of the forward."""
     h_NI, gu_N2I = gate_up_fwd(x_MH, buckets, w_gate_up, save)
-    y_NH, _ = grouped_linear(h_NI, buckets, w_down, w_down.stride(), w_down.shape[1])
+    y_NH, _, _ = grouped_linear(h_NI, buckets, w_down, w_down.stride(), w_down.shape[1])
     return y_NH, h_NI, gu_N2I
 
 
 def _input_grads(
-    needs_x: bool, needs_gate_up: bool, dgu_N2I: torch.Tensor, x_MH: torch.Tensor, w_gate_up: torch.Tensor, buckets: ExpertBuckets
+    needs_x: bool,
+    needs_gate_up: bool,
+    dgu_N2I: torch.Tensor,
+    x_MH: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    buckets: ExpertBuckets,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``d x`` and ``d gate_up_proj`` from ``d(gate, up)``."""
     dx = dw_gate_up = None
     if needs_x:
-        dx_NH, _ = grouped_linear(dgu_N2I, buckets, w_gate_up, _transposed(w_gate_up), x_MH.shape[1])
+        dx_NH, _, _ = grouped_linear(dgu_N2I, buckets, w_gate_up, _transposed(w_gate_up), x_MH.shape[1])
         dx = gather_sum(dx_NH, buckets.slot_of_row_MR, None, x_MH.dtype)
     if needs_gate_up:
-        dw_gate_up = grouped_wgrad(dgu_N2I, x_MH, buckets, gather_b=True, dtype=w_gate_up.dtype)
+        dw_gate_up = grouped_wgrad(dgu_N2I, x_MH, buckets, False, True, w_gate_up.dtype)
     return dx, dw_gate_up
 
 
@@ -410,7 +438,9 @@ class _ExpertMLP(torch.autograd.Function):
         save = any(ctx.needs_input_grad[:3])
         y_NH, h_NI, gu_N2I = _forward(x_MH, buckets, w_gate_up_E2IH, w_down_EHI, save)
         if save:
-            ctx.save_for_backward(x_MH, w_gate_up_E2IH, w_down_EHI, row_of_slot_N, slot_of_row_MR, offsets_E1, h_NI, gu_N2I)
+            ctx.save_for_backward(
+                x_MH, w_gate_up_E2IH, w_down_EHI, row_of_slot_N, slot_of_row_MR, offsets_E1, h_NI, gu_N2I
+            )
         return y_NH
 
     @staticmethod
@@ -418,10 +448,12 @@ class _ExpertMLP(torch.autograd.Function):
         x_MH, w_gate_up, w_down, row_of_slot, slot_of_row, offsets, h_NI, gu_N2I = ctx.saved_tensors
         buckets = ExpertBuckets(row_of_slot, slot_of_row, offsets)
         dy_NH = dy_NH.contiguous()
-        dgu_N2I, _ = grouped_linear(dy_NH, buckets, w_down, _transposed(w_down), w_down.shape[2], gu_N2I=gu_N2I)
+        dgu_N2I, _, _ = grouped_linear(
+            dy_NH, buckets, w_down, _transposed(w_down), w_down.shape[2], gu_N2I=gu_N2I
+        )
         needs = ctx.needs_input_grad
         dx, dw_gate_up = _input_grads(needs[0], needs[1], dgu_N2I, x_MH, w_gate_up, buckets)
-        dw_down = grouped_wgrad(dy_NH, h_NI, buckets, gather_b=False, dtype=w_down.dtype) if needs[2] else None
+        dw_down = grouped_wgrad(dy_NH, h_NI, buckets, False, False, w_down.dtype) if needs[2] else None
         return dx, dw_gate_up, dw_down, None, None, None
 
 
@@ -430,32 +462,49 @@ class _ExpertMLPCombine(torch.autograd.Function):
 
     Backward: ``d(gate, up)`` comes from one GEMM over the output gradient gathered per routed row;
     its epilogue also yields each row's gate-weight gradient ``<dy_token, y_row>`` computed as
-    ``<dy_token @ W_down, h_row>``, so ``y_NH`` is not kept; ``d down_proj`` reads the same
-    gathered rows scaled by their gate weights. Saved: x, h, the pre-activations, the metadata.
+    ``<dy_token @ W_down, h_row>`` (so ``y_NH`` is not kept) and ``weight * h_row``, which with the
+    same gathered gradient rows gives ``d down_proj``. Saved: x, the pre-activations, the metadata.
     """
 
     @staticmethod
-    def forward(ctx, x_MH, w_gate_up_E2IH, w_down_EHI, weights_MR, row_of_slot_N, slot_of_row_MR, offsets_E1, out_dtype):  # type: ignore[override]
+    def forward(
+        ctx,
+        x_MH,
+        w_gate_up_E2IH,
+        w_down_EHI,
+        weights_MR,
+        row_of_slot_N,
+        slot_of_row_MR,
+        offsets_E1,
+        out_dtype,
+    ):  # type: ignore[override]
         buckets = ExpertBuckets(row_of_slot_N, slot_of_row_MR, offsets_E1)
         save = any(ctx.needs_input_grad[:4])
-        y_NH, h_NI, gu_N2I = _forward(x_MH, buckets, w_gate_up_E2IH, w_down_EHI, save)
+        y_NH, _, gu_N2I = _forward(x_MH, buckets, w_gate_up_E2IH, w_down_EHI, save)
         weights_f32 = weights_MR.float().contiguous()
         out_MH = gather_sum(y_NH, slot_of_row_MR, weights_f32, out_dtype)
         if save:
             ctx.save_for_backward(
-                x_MH, w_gate_up_E2IH, w_down_EHI, weights_f32, row_of_slot_N, slot_of_row_MR, offsets_E1, h_NI, gu_N2I
+                x_MH,
+                w_gate_up_E2IH,
+                w_down_EHI,
+                weights_f32,
+                row_of_slot_N,
+                slot_of_row_MR,
+                offsets_E1,
+                gu_N2I,
             )
             ctx.weights_dtype = weights_MR.dtype
         return out_MH
 
     @staticmethod
     def backward(ctx, dout_MH):  # type: ignore[override]
-        x_MH, w_gate_up, w_down, weights, row_of_slot, slot_of_row, offsets, h_NI, gu_N2I = ctx.saved_tensors
+        x_MH, w_gate_up, w_down, weights, row_of_slot, slot_of_row, offsets, gu_N2I = ctx.saved_tensors
         buckets = ExpertBuckets(row_of_slot, slot_of_row, offsets)
         dout_MH = dout_MH.to(x_MH.dtype).contiguous()
         weight_of_slot_N = torch.empty(buckets.num_slots, dtype=torch.float32, device=weights.device)
         weight_of_slot_N[slot_of_row.reshape(-1).long()] = weights.reshape(-1)  # a permutation: no repeats
-        dgu_N2I, dweight_parts_NT = grouped_linear(
+        dgu_N2I, dweight_parts_NT, weighted_h_NI = grouped_linear(
             dout_MH, buckets, w_down, _transposed(w_down), w_down.shape[2],
             gu_N2I=gu_N2I, gather_a=True, row_scale_N=weight_of_slot_N,
         )  # fmt: skip
@@ -463,7 +512,7 @@ class _ExpertMLPCombine(torch.autograd.Function):
         dx, dw_gate_up = _input_grads(needs[0], needs[1], dgu_N2I, x_MH, w_gate_up, buckets)
         dw_down = dweights = None
         if needs[2]:
-            dw_down = grouped_wgrad(dout_MH, h_NI, buckets, False, w_down.dtype, row_scale_N=weight_of_slot_N)
+            dw_down = grouped_wgrad(dout_MH, weighted_h_NI, buckets, True, False, w_down.dtype)
         if needs[3]:
             dweights = dweight_parts_NT.sum(1)[slot_of_row.long()].to(ctx.weights_dtype)
         return dx, dw_gate_up, dw_down, dweights, None, None, None, None
@@ -475,7 +524,12 @@ def expert_mlp(
     """``y_NH`` (x's dtype) in bucket order; see the module docstring."""
     _check_dtypes(x_MH, w_gate_up_E2IH, w_down_EHI)
     return _ExpertMLP.apply(
-        x_MH.contiguous(), w_gate_up_E2IH, w_down_EHI, buckets.row_of_slot_N, buckets.slot_of_row_MR, buckets.offsets_E1
+        x_MH.contiguous(),
+        w_gate_up_E2IH,
+        w_down_EHI,
+        buckets.row_of_slot_N,
+        buckets.slot_of_row_MR,
+        buckets.offsets_E1,
     )
 
 

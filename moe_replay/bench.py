@@ -356,7 +356,8 @@ def print_table(results: list[Result]) -> None:
             f"{r.shape:<14}{r.tokens:>6} {r.routing:<8}{r.impl:<14}"
             f"{_fmt(r.fwd_ms, '9.3f')}{_fmt(r.fwdbwd_ms, '9.3f')}{_fmt(r.fwd_tflops, '9.0f')}"
             f"{_fmt(r.fwdbwd_tflops, '9.0f')}{_fmt(r.fwd_floor_pct, '8.0f')}"
-            f"{_fmt(r.fwdbwd_floor_pct, '8.0f')}{_fmt(r.peak_mem_gib, '8.2f')}{_fmt(r.max_abs_err, '9.2e')}  {r.timing}"
+            f"{_fmt(r.fwdbwd_floor_pct, '8.0f')}{_fmt(r.peak_mem_gib, '8.2f')}"
+            f"{_fmt(r.max_abs_err, '9.2e')}  {r.timing}"
         )
 
 

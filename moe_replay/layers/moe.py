@@ -162,7 +162,7 @@ class MoELayer(nn.Module):
         if not isinstance(forced, torch.Tensor):
             raise TypeError(f"forced_expert_ids must be a torch.Tensor or None, got {type(forced).__name__}")
         T, K = math.prod(lead), self.cfg.top_k
-        if forced.dim() == 0 or forced.shape[-1] != K or forced.numel() != T * K:
+        if tuple(forced.shape) not in ((T, K), (*lead, K)):  # [3, 2, K] for x [2, 3, H] is an error
             raise ValueError(
                 f"forced_expert_ids must have shape [N={T}, top_k={K}] or [*{list(lead)}, {K}] "
                 f"for x of token shape {list(lead)}, got {tuple(forced.shape)}"

@@ -349,6 +349,13 @@ def test_extra_repr_names_the_config() -> None:
             ValueError,
             r"shape \[N=4, top_k=2\].*got \(5, 2\)",
         ),
+        (  # as many ids as tokens, but not in x's token shape
+            torch.zeros(2, 3, H),
+            torch.tensor([[[0, 1]] * 2] * 3),
+            ValueError,
+            r"\[N=6, top_k=2\] or \[\*\[2, 3\], 2\] for x of token shape \[2, 3\], got \(3, 2, 2\)",
+        ),
+        (torch.zeros(2, 3, H), torch.tensor([0, 1] * 6), ValueError, r"got \(12,\)"),  # flat ids
         (torch.zeros(4, H), torch.zeros(4, 2), ValueError, r"integer dtype, got torch.float32"),
         (torch.zeros(4, H), torch.tensor([[0, 1], [2, 2], [3, 9], [0, 1]]), ValueError, r"row 1 .*repeated"),
         (torch.zeros(4, H), torch.tensor([[0, 1], [2, 3], [3, 8], [0, 1]]), ValueError, r"row 2 .*\[0, 8\)"),

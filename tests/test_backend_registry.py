@@ -46,8 +46,9 @@ def failing_import() -> FakeBackend:
 @pytest.fixture(autouse=True)
 def private_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry, "_loaders", dict(registry._loaders))
-    monkeypatch.setattr(registry, "_loaded", dict(registry._loaded))
-    monkeypatch.setattr(registry, "_load_errors", dict(registry._load_errors))
+    # empty caches: every backend is loaded afresh through the (possibly replaced) loaders
+    monkeypatch.setattr(registry, "_loaded", {})
+    monkeypatch.setattr(registry, "_load_errors", {})
     monkeypatch.setattr(registry, "_logged_fallbacks", set())
     monkeypatch.delenv(registry.ENV_VAR, raising=False)
 

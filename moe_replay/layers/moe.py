@@ -104,7 +104,9 @@ class Experts(nn.Module):
         out_dtype: torch.dtype,
     ) -> torch.Tensor:
         """The rows combined per token, ``y_MH``, through the backend's fused path."""
-        return backend.expert_mlp_combine(x_MH, buckets, self.gate_up_proj, self.down_proj, weights_MR, out_dtype)
+        return backend.expert_mlp_combine(
+            x_MH, buckets, self.gate_up_proj, self.down_proj, weights_MR, out_dtype
+        )
 
 
 def _check_backend_name(backend: str | None) -> None:
@@ -185,7 +187,9 @@ class MoELayer(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != H or not x.is_floating_point():
-            raise ValueError(f"x must be a floating-point tensor [..., hidden_size={H}], got {x.dtype} {tuple(x.shape)}")
+            raise ValueError(
+                f"x must be a floating-point tensor [..., hidden_size={H}], got {x.dtype} {tuple(x.shape)}"
+            )
         lead = tuple(x.shape[:-1])
         x_TH = x.reshape(-1, H)
         forced_TK = self._forced_TK(forced_expert_ids, lead)
@@ -204,7 +208,8 @@ class MoELayer(nn.Module):
         c = self.cfg
         parts = [
             f"num_experts={c.num_experts}, top_k={c.top_k}, hidden_size={c.hidden_size}",
-            f"intermediate_size={c.intermediate_size}, scoring={c.scoring}, norm_topk_prob={c.norm_topk_prob}",
+            f"intermediate_size={c.intermediate_size}, scoring={c.scoring}",
+            f"norm_topk_prob={c.norm_topk_prob}",
         ]
         if c.n_group is not None:
             parts.append(f"n_group={c.n_group}, topk_group={c.topk_group}")

@@ -49,7 +49,9 @@ class QuantExperts(nn.Module):
 
     def weights(self) -> tuple[QuantizedWeight, QuantizedWeight]:
         return (
-            QuantizedWeight(self.gate_up_qweight, self.gate_up_scale, self.weight_dtype, self.gate_up_group_size),
+            QuantizedWeight(
+                self.gate_up_qweight, self.gate_up_scale, self.weight_dtype, self.gate_up_group_size
+            ),
             QuantizedWeight(self.down_qweight, self.down_scale, self.weight_dtype, self.down_group_size),
         )
 
@@ -109,7 +111,9 @@ class QuantMoE(MoELayer):
         if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
             raise TypeError(f"group_size must be an int or None, got {type(group_size).__name__}")
         if weight_dtype == "int8" and group_size is not None:
-            raise ValueError(f"int8 weights use one scale per output channel; group_size must be None, got {group_size}")
+            raise ValueError(
+                f"int8 weights use one scale per output channel; group_size must be None, got {group_size}"
+            )
         if weight_dtype == "int4":
             if group_size is None:
                 raise ValueError("int4 weights need group_size (inputs per scale), got None")
@@ -132,7 +136,11 @@ class QuantMoE(MoELayer):
         ):
             raise ValueError(
                 "QuantMoE is inference-only and has no gradients: got "
-                + ("x with requires_grad=True" if x.requires_grad else "router.weight with requires_grad=True")
+                + (
+                    "x with requires_grad=True"
+                    if x.requires_grad
+                    else "router.weight with requires_grad=True"
+                )
                 + "; run it under torch.no_grad() or use moe_replay.MoE for training"
             )
         return super().forward(x, forced_expert_ids, return_routing)

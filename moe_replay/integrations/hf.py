@@ -471,6 +471,11 @@ def align_generation_trace(trace: RoutingTrace, attention_mask: torch.Tensor | N
     Feed the sequences as one teacher-forced forward with the same ``attention_mask`` and the
     position ids ``generate`` used for left-padded prompts, ``(attention_mask.cumsum(-1) - 1)
     .clamp(min=0)``; otherwise the hidden states, and so the free rows, differ from generation.
+
+    The trace lines up with the sequences for greedy or sampled decoding with the KV cache (the
+    default): a prefill of the prompts, then one forward per new token. Without the cache every
+    step re-forwards the whole sequence, and beam search reorders the batch between steps; neither
+    gives an aligned trace (a mask of the wrong length is a ``ValueError`` here).
     """
     if not isinstance(trace, RoutingTrace):
         raise TypeError(f"trace must be a moe_replay.RoutingTrace, got {type(trace).__name__}")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import moe_replay as mr
+from moe_replay.backends.registry import available_backends
 from moe_replay.routing.sites import site_of
 
 transformers = pytest.importorskip("transformers")  # the [hf] extra
@@ -511,6 +512,23 @@ def test_moe_replay_experts_match_forward_and_backward(arch: str, monkeypatch: p
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
     for b in blocks(ours, arch).values():  # the model's own tensors, not copies
         assert b.experts.gate_up_proj.grad is not None
+
+
+@pytest.mark.skipif(
+    "triton" not in available_backends("cpu"), reason="needs triton (its interpreter runs on the CPU)"
+)
+def test_moe_replay_experts_on_the_triton_backend() -> None:
+    # The Triton kernels read the model's own weight tensors (here under TRITON_INTERPRET=1).
+    reference = fresh("qwen3_moe").train()
+    ours = copy.deepcopy(reference)
+    mr.hf.attach(ours, experts="moe_replay", backend="triton")
+    x = tokens()
+    ref, out = reference(x, labels=x), ours(x, labels=x)
+    ref.loss.backward()
+    out.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    for p, q in zip(reference.parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_moe_replay_experts_in_bfloat16_within_tolerance() -> None:

@@ -20,7 +20,9 @@ Semantics (DESIGN.md, "Routing semantics"), implemented by every backend:
    ``validate=False`` skips the checks that need a host synchronisation; the result for an invalid
    row is then unspecified, but no backend reads or writes out of bounds.
 
-Ties in selection scores are broken towards the lower expert index.
+Without a bias, selection ranks the logits themselves (both scorings are monotonic in them, and
+ranking the logits makes every backend choose bit-identically); where two distinct logits round to
+the same score, the larger logit wins. Ties in what is ranked go to the lower expert index.
 """
 
 from __future__ import annotations

@@ -18,4 +18,5 @@ def combine(
 
 
 def permute_rows(x_MH: torch.Tensor, buckets: ExpertBuckets) -> torch.Tensor:
-    return x_MH[buckets.row_of_slot_N.long()]
+    # Gather from float32 so the backward sums each row's R reads in float32, then round once.
+    return x_MH.float()[buckets.row_of_slot_N.long()].to(x_MH.dtype)

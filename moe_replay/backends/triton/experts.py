@@ -25,6 +25,7 @@ Row tiles never straddle two experts (see ``expert_of_tile``). Accumulation is f
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -35,6 +36,7 @@ from moe_replay.backends.base import ExpertBuckets
 from moe_replay.backends.triton._common import (
     dot_flags,
     expert_of_tile,
+    grouped_tile_order,
     interpreting,
     max_row_tiles,
     mma,
@@ -56,13 +58,13 @@ TMA_BY_DEFAULT = os.environ.get("MOE_REPLAY_TRITON_TMA", "1") == "1"
 @triton.jit
 def _gate_up_kernel(
     x_ptr, row_of_slot_ptr, offsets_ptr, w_ptr, h_ptr, gu_ptr,
-    E, H, I, stride_xm, stride_we, stride_wn, stride_wk,
+    E, H, I, M_TILES, stride_xm, stride_we, stride_wn, stride_wk,
     SAVE_GU: tl.constexpr, EVEN_K: tl.constexpr, W_TMA: tl.constexpr, E_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    expert, row_start, row_end, exists = expert_of_tile(offsets_ptr, tl.program_id(1), E, E_PAD, BLOCK_M)
+    pid_m, pid_n = grouped_tile_order(tl.program_id(0), M_TILES, tl.cdiv(I, BLOCK_N), GROUP_M)
+    expert, row_start, row_end, exists = expert_of_tile(offsets_ptr, pid_m, E, E_PAD, BLOCK_M)
     if exists:
         rows = row_start + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
@@ -111,18 +113,19 @@ def _gate_up_kernel(
 @triton.jit
 def _grouped_linear_kernel(
     a_ptr, row_of_slot_ptr, offsets_ptr, w_ptr, out_ptr, gu_ptr, row_scale_ptr, dscale_ptr, hw_ptr,
-    E, K_DIM, N_OUT, stride_am, stride_we, stride_wn, stride_wk,
+    E, K_DIM, N_OUT, M_TILES, stride_am, stride_we, stride_wn, stride_wk,
     GATHER_A: tl.constexpr, SWIGLU_BWD: tl.constexpr, ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
     A_TMA: tl.constexpr, W_TMA: tl.constexpr, W_KMAJOR: tl.constexpr, W_ROWS: tl.constexpr,
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
     # A_TMA: A (not gathered) through a [N, K] descriptor; rows past the expert's bucket feed only
     # rows that are not stored. W_TMA: W through its [E * W_ROWS, cols] descriptor, K-major
     # (W_e^T's rows are the matrix's rows) or not; what a tile reads past one expert's matrix
     # meets zeros in A (K) or lands in columns that are not stored (N).
-    pid_n = tl.program_id(0)
-    expert, row_start, row_end, exists = expert_of_tile(offsets_ptr, tl.program_id(1), E, E_PAD, BLOCK_M)
+    num_n = tl.cdiv(N_OUT, BLOCK_N)
+    pid_m, pid_n = grouped_tile_order(tl.program_id(0), M_TILES, num_n, GROUP_M)
+    expert, row_start, row_end, exists = expert_of_tile(offsets_ptr, pid_m, E, E_PAD, BLOCK_M)
     if exists:
         rows = row_start + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
@@ -172,7 +175,7 @@ def _grouped_linear_kernel(
                 # and h * weight is stored for d down_proj = sum over rows of dy^T (weight h).
                 h = g * s * u
                 partial = tl.sum(acc * h, 1)
-                tl.store(dscale_ptr + rows64 * tl.num_programs(0) + pid_n, partial, mask=row_ok)
+                tl.store(dscale_ptr + rows64 * num_n + pid_n, partial, mask=row_ok)
                 row_w = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
                 acc = acc * row_w
                 hw = hw_ptr + rows64[:, None] * N_OUT + cols[None, :]
@@ -191,11 +194,9 @@ def _grouped_wgrad_kernel(
     a_ptr, b_ptr, row_of_slot_ptr, offsets_ptr, dw_ptr,
     P, Q, stride_am, stride_bm,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
-    num_q = tl.cdiv(Q, BLOCK_Q)
-    pid_p = tl.program_id(0) // num_q
-    pid_q = tl.program_id(0) % num_q
+    pid_p, pid_q = grouped_tile_order(tl.program_id(0), tl.cdiv(P, BLOCK_P), tl.cdiv(Q, BLOCK_Q), GROUP_M)
     expert = tl.program_id(1)
     lo = tl.load(offsets_ptr + expert)
     hi = tl.load(offsets_ptr + expert + 1)
@@ -246,6 +247,7 @@ _DECODE_TILES = {
     "swiglu_bwd": (16, 64, 128, 4, 4),
 }
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+GROUP_M = 8  # row tiles per group of the tile order (grouped_tile_order)
 
 
 def _row_tiles(kind: str, num_rows: int, num_experts: int) -> dict:
@@ -278,13 +280,14 @@ def gate_up_fwd(
     if N == 0:
         return h_NI, gu_N2I
     cfg = tiles or _row_tiles("gate_up", N, E)
-    grid = (triton.cdiv(I, cfg["BLOCK_N"]), max_row_tiles(N, E, cfg["BLOCK_M"]))
+    m_tiles = max_row_tiles(N, E, cfg["BLOCK_M"])
+    grid = (triton.cdiv(I, cfg["BLOCK_N"]) * m_tiles,)
     w_desc = _descriptor(w_gate_up_E2IH, [cfg["BLOCK_N"], cfg["BLOCK_K"]], cfg)
     _gate_up_kernel[grid](
         x_MH, buckets.row_of_slot_N, buckets.offsets_E1, w_desc or w_gate_up_E2IH, h_NI, gu_N2I if save_gu else h_NI,
-        E, H, I, x_MH.stride(0), *w_gate_up_E2IH.stride(),
+        E, H, I, m_tiles, x_MH.stride(0), *w_gate_up_E2IH.stride(),
         SAVE_GU=save_gu, EVEN_K=H % cfg["BLOCK_K"] == 0, W_TMA=w_desc is not None, E_PAD=pow2(E, 16),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=GROUP_M,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **dot_flags(x_MH.dtype),
     )  # fmt: skip
     return h_NI, gu_N2I
@@ -324,7 +327,8 @@ def grouped_linear(
     hw = torch.empty(N, n_out, dtype=a.dtype, device=a.device) if scaled else None
     if N == 0:
         return out, dscale, hw
-    grid = (n_tiles, max_row_tiles(N, E, cfg["BLOCK_M"]))
+    m_tiles = max_row_tiles(N, E, cfg["BLOCK_M"])
+    grid = (n_tiles * m_tiles,)
     # W_e^T is either each [n_out, K] matrix of w_E as stored (K-major) or each [K, n_out] one.
     w_kmajor = w_strides_enk[2] == 1
     w_block = [cfg["BLOCK_N"], cfg["BLOCK_K"]] if w_kmajor else [cfg["BLOCK_K"], cfg["BLOCK_N"]]
@@ -335,11 +339,11 @@ def grouped_linear(
     _grouped_linear_kernel[grid](
         a_desc or a, buckets.row_of_slot_N, buckets.offsets_E1, w_desc or w_E, out, gu_N2I if gu_N2I is not None else out,
         row_scale_N if scaled else out, dscale if scaled else out, hw if scaled else out,
-        E, K_dim, n_out, a.stride(0), *w_strides_enk,
+        E, K_dim, n_out, m_tiles, a.stride(0), *w_strides_enk,
         GATHER_A=gather_a, SWIGLU_BWD=gu_N2I is not None, ROW_SCALE=row_scale_N is not None,
         EVEN_K=K_dim % cfg["BLOCK_K"] == 0, A_TMA=a_desc is not None, W_TMA=w_desc is not None,
         W_KMAJOR=w_kmajor, W_ROWS=w_E.shape[1], E_PAD=pow2(E, 16),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=GROUP_M,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **dot_flags(a.dtype),
     )  # fmt: skip
     return out, dscale, hw
@@ -365,7 +369,7 @@ def grouped_wgrad(
     _grouped_wgrad_kernel[grid](
         a, b, buckets.row_of_slot_N, buckets.offsets_E1, dw, P, Q, a.stride(0), b.stride(0),
         GATHER_A=gather_a, GATHER_B=gather_b,
-        BLOCK_P=cfg["BLOCK_P"], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_P=cfg["BLOCK_P"], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=GROUP_M,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **dot_flags(a.dtype),
     )  # fmt: skip
     return dw
@@ -385,7 +389,12 @@ def _descriptor(t: torch.Tensor, block: list[int], cfg: dict) -> TensorDescripto
 
 
 def _tma_default(t: torch.Tensor) -> bool:
-    return TMA_BY_DEFAULT and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+    return TMA_BY_DEFAULT and t.is_cuda and _capability(t.device.index)[0] >= 9
+
+
+@functools.cache
+def _capability(device_index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 def _check_dtypes(x_MH: torch.Tensor, w_gate_up_E2IH: torch.Tensor, w_down_EHI: torch.Tensor) -> None:

@@ -26,11 +26,14 @@ Row tiles never straddle two experts (see ``expert_of_tile``). Accumulation is f
 from __future__ import annotations
 
 import functools
+import logging
 import os
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from moe_replay.backends.base import ExpertBuckets
 from moe_replay.backends.triton._common import (
@@ -48,6 +51,8 @@ try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # Triton < 3.4: pointer loads only
     TensorDescriptor = None
+
+logger = logging.getLogger(__name__)
 
 # Whether kernels on compute capability 9.0+ load weights (and unpermuted activations) through
 # TMA descriptors. MOE_REPLAY_TRITON_TMA=0/1 overrides (a tuning switch for benchmarks).
@@ -250,19 +255,52 @@ _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 GROUP_M = 8  # row tiles per group of the tile order (grouped_tile_order)
 
 
-def _row_tiles(kind: str, num_rows: int, num_experts: int) -> dict:
+def _row_tiles(kind: str, num_rows: int, num_experts: int, dtype: torch.dtype) -> dict:
     """Tile shapes for the row-grouped kernels (``kind``: gate_up, linear, swiglu_bwd)."""
     if interpreting():
         return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
     per_expert = num_rows / max(num_experts, 1)
     table = _LARGE_TILES if per_expert >= 96 else _MEDIUM_TILES if per_expert >= 24 else _DECODE_TILES
-    return dict(zip(_TILE_KEYS, table[kind]))
+    return _for_dtype(dict(zip(_TILE_KEYS, table[kind])), dtype)
 
 
-def _wgrad_tiles() -> dict:
+def _wgrad_tiles(dtype: torch.dtype) -> dict:
     if interpreting():
         return {"BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_P": 128, "BLOCK_Q": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    return _for_dtype({"BLOCK_P": 128, "BLOCK_Q": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}, dtype)
+
+
+def _for_dtype(cfg: dict, dtype: torch.dtype) -> dict:
+    """The tables are for 2-byte types; 4-byte tiles keep the shared memory per stage by halving K."""
+    if dtype.itemsize > 2:
+        cfg = {**cfg, "BLOCK_K": max(16, cfg["BLOCK_K"] // 2), "num_stages": min(cfg["num_stages"], 3)}
+    return cfg
+
+
+# Tiles that did not fit a device's shared memory, and the smaller ones that ran instead.
+_SHRUNK: dict[tuple, dict] = {}
+
+
+def _launch(kernel: str, cfg: dict, device: torch.device, launch: Callable[[dict], None]) -> None:
+    """``launch(cfg)``; if those tiles need more shared memory than the device has (the tables are
+    tuned on an H100's 227 KB; an A100 has 163 KB), retry with one pipeline stage fewer, then with
+    half the K block, and remember what ran. The error comes when the kernel loads, before
+    anything is enqueued, so a retry is safe (and happens in warm-up, not inside graph capture)."""
+    key = (kernel, tuple(sorted(cfg.items())), device.type, device.index)
+    cfg = _SHRUNK.get(key, cfg)
+    while True:
+        try:
+            launch(cfg)
+            return
+        except OutOfResources as error:
+            if cfg["num_stages"] > 2:
+                smaller = {**cfg, "num_stages": cfg["num_stages"] - 1}
+            elif cfg["BLOCK_K"] > 16:
+                smaller = {**cfg, "BLOCK_K": cfg["BLOCK_K"] // 2}
+            else:
+                raise
+            logger.info("moe_replay: %s tiles %s do not fit (%s); trying %s", kernel, cfg, error, smaller)
+            _SHRUNK[key] = cfg = smaller
 
 
 def gate_up_fwd(
@@ -279,17 +317,20 @@ def gate_up_fwd(
     gu_N2I = torch.empty(N, 2 * I, dtype=x_MH.dtype, device=x_MH.device) if save_gu else None
     if N == 0:
         return h_NI, gu_N2I
-    cfg = tiles or _row_tiles("gate_up", N, E)
-    m_tiles = max_row_tiles(N, E, cfg["BLOCK_M"])
-    grid = (triton.cdiv(I, cfg["BLOCK_N"]) * m_tiles,)
-    w_desc = _descriptor(w_gate_up_E2IH, [cfg["BLOCK_N"], cfg["BLOCK_K"]], cfg)
-    _gate_up_kernel[grid](
-        x_MH, buckets.row_of_slot_N, buckets.offsets_E1, w_desc or w_gate_up_E2IH, h_NI, gu_N2I if save_gu else h_NI,
-        E, H, I, m_tiles, x_MH.stride(0), *w_gate_up_E2IH.stride(),
-        SAVE_GU=save_gu, EVEN_K=H % cfg["BLOCK_K"] == 0, W_TMA=w_desc is not None, E_PAD=pow2(E, 16),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=GROUP_M,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **dot_flags(x_MH.dtype),
-    )  # fmt: skip
+    cfg = tiles or _row_tiles("gate_up", N, E, x_MH.dtype)
+
+    def launch(cfg: dict) -> None:
+        m_tiles = max_row_tiles(N, E, cfg["BLOCK_M"])
+        w_desc = _descriptor(w_gate_up_E2IH, [cfg["BLOCK_N"], cfg["BLOCK_K"]], cfg)
+        _gate_up_kernel[(triton.cdiv(I, cfg["BLOCK_N"]) * m_tiles,)](
+            x_MH, buckets.row_of_slot_N, buckets.offsets_E1, w_desc or w_gate_up_E2IH, h_NI, gu_N2I if save_gu else h_NI,
+            E, H, I, m_tiles, x_MH.stride(0), *w_gate_up_E2IH.stride(),
+            SAVE_GU=save_gu, EVEN_K=H % cfg["BLOCK_K"] == 0, W_TMA=w_desc is not None, E_PAD=pow2(E, 16),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=GROUP_M,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **dot_flags(x_MH.dtype),
+        )  # fmt: skip
+
+    _launch("gate_up", cfg, x_MH.device, launch)
     return h_NI, gu_N2I
 
 
@@ -320,32 +361,35 @@ def grouped_linear(
     K_dim = a.shape[1]
     width = 2 * n_out if gu_N2I is not None else n_out
     out = torch.empty(N, width, dtype=a.dtype, device=a.device)
-    cfg = tiles or _row_tiles("swiglu_bwd" if gu_N2I is not None else "linear", N, E)
+    cfg = tiles or _row_tiles("swiglu_bwd" if gu_N2I is not None else "linear", N, E, a.dtype)
     n_tiles = triton.cdiv(n_out, cfg["BLOCK_N"])
     scaled = row_scale_N is not None
     dscale = torch.empty(N, n_tiles, dtype=torch.float32, device=a.device) if scaled else None
     hw = torch.empty(N, n_out, dtype=a.dtype, device=a.device) if scaled else None
     if N == 0:
         return out, dscale, hw
-    m_tiles = max_row_tiles(N, E, cfg["BLOCK_M"])
-    grid = (n_tiles * m_tiles,)
     # W_e^T is either each [n_out, K] matrix of w_E as stored (K-major) or each [K, n_out] one.
     w_kmajor = w_strides_enk[2] == 1
-    w_block = [cfg["BLOCK_N"], cfg["BLOCK_K"]] if w_kmajor else [cfg["BLOCK_K"], cfg["BLOCK_N"]]
     tma = {"TMA": cfg.get("TMA", w_kmajor and _tma_default(a))}
     natural = tuple(w_E.stride())
-    w_desc = _descriptor(w_E, w_block, tma) if w_strides_enk in (natural, _transposed(w_E)) else None
-    a_desc = None if gather_a else _descriptor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]], tma)
-    _grouped_linear_kernel[grid](
-        a_desc or a, buckets.row_of_slot_N, buckets.offsets_E1, w_desc or w_E, out, gu_N2I if gu_N2I is not None else out,
-        row_scale_N if scaled else out, dscale if scaled else out, hw if scaled else out,
-        E, K_dim, n_out, m_tiles, a.stride(0), *w_strides_enk,
-        GATHER_A=gather_a, SWIGLU_BWD=gu_N2I is not None, ROW_SCALE=row_scale_N is not None,
-        EVEN_K=K_dim % cfg["BLOCK_K"] == 0, A_TMA=a_desc is not None, W_TMA=w_desc is not None,
-        W_KMAJOR=w_kmajor, W_ROWS=w_E.shape[1], E_PAD=pow2(E, 16),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=GROUP_M,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **dot_flags(a.dtype),
-    )  # fmt: skip
+
+    def launch(cfg: dict) -> None:
+        m_tiles = max_row_tiles(N, E, cfg["BLOCK_M"])
+        w_block = [cfg["BLOCK_N"], cfg["BLOCK_K"]] if w_kmajor else [cfg["BLOCK_K"], cfg["BLOCK_N"]]
+        w_desc = _descriptor(w_E, w_block, tma) if w_strides_enk in (natural, _transposed(w_E)) else None
+        a_desc = None if gather_a else _descriptor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]], tma)
+        _grouped_linear_kernel[(n_tiles * m_tiles,)](
+            a_desc or a, buckets.row_of_slot_N, buckets.offsets_E1, w_desc or w_E, out, gu_N2I if gu_N2I is not None else out,
+            row_scale_N if scaled else out, dscale if scaled else out, hw if scaled else out,
+            E, K_dim, n_out, m_tiles, a.stride(0), *w_strides_enk,
+            GATHER_A=gather_a, SWIGLU_BWD=gu_N2I is not None, ROW_SCALE=row_scale_N is not None,
+            EVEN_K=K_dim % cfg["BLOCK_K"] == 0, A_TMA=a_desc is not None, W_TMA=w_desc is not None,
+            W_KMAJOR=w_kmajor, W_ROWS=w_E.shape[1], E_PAD=pow2(E, 16),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=GROUP_M,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **dot_flags(a.dtype),
+        )  # fmt: skip
+
+    _launch("swiglu_bwd" if gu_N2I is not None else "linear", cfg, a.device, launch)
     return out, dscale, hw
 
 
@@ -364,14 +408,18 @@ def grouped_wgrad(
     dw = torch.empty(E, P, Q, dtype=dtype, device=a.device)
     if E == 0:
         return dw
-    cfg = tiles or _wgrad_tiles()
+    cfg = tiles or _wgrad_tiles(a.dtype)
     grid = (triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(Q, cfg["BLOCK_Q"]), E)
-    _grouped_wgrad_kernel[grid](
-        a, b, buckets.row_of_slot_N, buckets.offsets_E1, dw, P, Q, a.stride(0), b.stride(0),
-        GATHER_A=gather_a, GATHER_B=gather_b,
-        BLOCK_P=cfg["BLOCK_P"], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=GROUP_M,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **dot_flags(a.dtype),
-    )  # fmt: skip
+
+    def launch(cfg: dict) -> None:
+        _grouped_wgrad_kernel[grid](
+            a, b, buckets.row_of_slot_N, buckets.offsets_E1, dw, P, Q, a.stride(0), b.stride(0),
+            GATHER_A=gather_a, GATHER_B=gather_b,
+            BLOCK_P=cfg["BLOCK_P"], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=GROUP_M,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **dot_flags(a.dtype),
+        )  # fmt: skip
+
+    _launch("wgrad", cfg, a.device, launch)
     return dw
 
 

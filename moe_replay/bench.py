@@ -217,7 +217,13 @@ def _time(fn: Callable[[], object], use_graph: bool, calls: int) -> tuple[float,
 
 
 def measure(
-    shape: str, T: int, routing: str, impls: list[str], seed: int = 0, check: bool = True
+    shape: str,
+    T: int,
+    routing: str,
+    impls: list[str],
+    seed: int = 0,
+    check: bool = True,
+    graph_max_tokens: int = GRAPH_MAX_TOKENS,
 ) -> list[Result]:
     spec = SHAPES[shape]
     cfg = mr.MoEConfig(**spec)
@@ -228,7 +234,8 @@ def measure(
     moe = mr.MoE(cfg, backend="triton", device=device, dtype=torch.bfloat16)
     if cfg.score_bias:
         moe.router.bias.normal_(0, 0.01)
-    calls = GRAPH_CALLS if T <= GRAPH_MAX_TOKENS else 1
+    graphed = graph_max_tokens >= T  # ten calls over ten routings, in a graph where capturable
+    calls = GRAPH_CALLS if graphed else 1
     xs = [torch.randn(T, H, device=device, dtype=torch.bfloat16) for _ in range(calls)]
     dys = [torch.randn(T, H, device=device, dtype=torch.bfloat16) for _ in range(calls)]
     if routing == "router":  # the router's own choice, recorded, so every impl sees those ids
@@ -257,11 +264,11 @@ def measure(
             continue
         # DeepSeek-V3's weights are 21 GiB and their gradients as much again: at decode sizes the
         # graphs of ten forward+backward calls do not fit an 80 GB card, so time the forward only.
-        backward = not (shape == "deepseek-v3" and T <= GRAPH_MAX_TOKENS)
+        backward = not (shape == "deepseek-v3" and graphed)
         if not backward:
             r.notes.append("forward only: forward+backward graphs of this shape exceed 80 GB")
         try:
-            _measure_impl(r, cfg, moe, id_sets, xs, dys, reference, calls, backward)
+            _measure_impl(r, cfg, moe, id_sets, xs, dys, reference, calls, graphed, backward)
         except Exception as error:
             r.error = f"{type(error).__name__}: {error}".splitlines()[0][:300]
             traceback.print_exc()
@@ -285,6 +292,7 @@ def _measure_impl(
     dys: list[torch.Tensor],
     reference: torch.Tensor | None,
     calls: int,
+    graphed: bool,
     backward: bool = True,
 ) -> None:
     """Fill ``r``'s error, times and memory for one implementation."""
@@ -306,7 +314,7 @@ def _measure_impl(
     def fwdbwd() -> None:
         torch.autograd.backward(run(xs_grad), dys, inputs=[*params, *xs_grad])
 
-    use_graph = r.tokens <= GRAPH_MAX_TOKENS and r.impl in GRAPH_SAFE
+    use_graph = graphed and r.impl in GRAPH_SAFE
     r.fwd_ms, r.timing = _time(fwd, use_graph, calls)
     if not backward:
         return
@@ -414,8 +422,6 @@ def run_bench(args: argparse.Namespace) -> int:
     with contextlib.suppress(ImportError):
         env["transformers"] = __import__("transformers").__version__
     print(json.dumps(env))
-    global GRAPH_MAX_TOKENS
-    GRAPH_MAX_TOKENS = args.graph_max_tokens
     results: list[Result] = []
     extra: dict = {}
     t0 = time.time()
@@ -434,7 +440,9 @@ def run_bench(args: argparse.Namespace) -> int:
     for shape in args.shapes:
         for T in (int(t) for t in args.tokens):
             for routing in args.routing:
-                case = measure(shape, T, routing, args.impls, seed=args.seed, check=not args.no_check)
+                case = measure(
+                    shape, T, routing, args.impls, args.seed, not args.no_check, args.graph_max_tokens
+                )
                 results.extend(case)
                 print_table(case)
                 print(f"  [{time.time() - t0:.0f}s]", flush=True)

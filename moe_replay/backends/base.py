@@ -34,10 +34,17 @@ if TYPE_CHECKING:
 class ExpertBuckets:
     """Routed rows grouped by expert: the result of ``dispatch``.
 
-    Every one of the M input rows is read R times (once per routed slot). Sorted position ``n``
-    (``0 <= n < N``) reads input row ``row_of_slot_N[n]``; the r-th read of row ``m`` sits at sorted
-    position ``slot_of_row_MR[m, r]``. Expert ``e`` owns sorted positions
-    ``offsets_E1[e]:offsets_E1[e + 1]``.
+    Every one of the M input rows is read up to R times (once per routed slot). Sorted position
+    ``n`` (``0 <= n < N``) reads input row ``row_of_slot_N[n]``; the r-th read of row ``m`` sits at
+    sorted position ``slot_of_row_MR[m, r]``, or nowhere when that entry is ``-1``. Expert ``e``
+    owns sorted positions ``offsets_E1[e]:offsets_E1[e + 1]``.
+
+    ``-1`` slots: a (row, read) with slot ``-1`` has no routed row; it contributes nothing
+    (``combine`` adds nothing for it and gives its weight a zero gradient, ``permute_rows``'
+    backward skips it). ``dispatch`` never makes them (every read has a slot, N = M * R); expert
+    parallelism composes buckets that have them (a token's experts on other ranks, a token not
+    sent to a rank: ``moe_replay.parallel.alltoall``). Either way the entries ``>= 0`` are a
+    permutation of ``0..N-1``: every slot is read by exactly one (row, read).
 
     Contract: within one expert's bucket rows are in ascending (row, read) order, in every
     backend, so results are deterministic and backends agree bit-for-bit on the metadata.
@@ -112,8 +119,9 @@ class Backend(ABC):
     ) -> torch.Tensor:
         """``y_MH[m] = sum_r weights_MR[m, r] * y_NH[slot_of_row[m, r]]``, float32 sums, ``out_dtype`` out.
 
-        Each output row gathers its own R rows (no atomics): deterministic. Differentiable with
-        respect to ``y_NH`` and ``weights_MR``.
+        Each output row gathers its own R rows (no atomics): deterministic. Reads
+        whose slot is ``-1`` add nothing, whatever their weight, and their weights get a zero
+        gradient. Differentiable with respect to ``y_NH`` and ``weights_MR``.
         """
 
     def expert_mlp_combine(
@@ -126,13 +134,15 @@ class Backend(ABC):
         out_dtype: torch.dtype,
     ) -> torch.Tensor:
         """``combine(expert_mlp(x_MH, ...), ...)``: the local layer's path, which a backend may fuse
-        (the triton backend's backward then never materialises the routed rows' gradient)."""
+        (the triton backend's backward then never materialises the routed rows' gradient). ``-1``
+        slots as in ``combine``: the expert-parallel receiver runs it on such buckets."""
         y_NH = self.expert_mlp(x_MH, buckets, w_gate_up_E2IH, w_down_EHI)
         return self.combine(y_NH, buckets, weights_MR, out_dtype)
 
     @abstractmethod
     def permute_rows(self, x_MH: torch.Tensor, buckets: ExpertBuckets) -> torch.Tensor:
-        """``x_NH[n] = x_MH[row_of_slot[n]]``, differentiable (the backward sums each row's R reads)."""
+        """``x_NH[n] = x_MH[row_of_slot[n]]``, differentiable: the backward sums each row's reads
+        that have a slot (``-1`` entries of ``slot_of_row`` are skipped), in float32, deterministically."""
 
     def quant_expert_mlp(
         self, x_MH: torch.Tensor, buckets: ExpertBuckets, gate_up: QuantizedWeight, down: QuantizedWeight

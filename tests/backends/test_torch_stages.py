@@ -5,6 +5,8 @@ Shape legend: M rows, R reads per row, N = M * R routed rows, E experts, H hidde
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -226,3 +228,124 @@ def test_permute_rows_gathers_and_its_backward_sums_each_rows_reads(M: int, R: i
     (x_NH * upstream).sum().backward()
     expected = [sum((upstream[slot_of_row[m][r]] for r in range(R)), torch.zeros(3)) for m in range(M)]
     torch.testing.assert_close(x.grad, torch.stack(expected) if M else torch.zeros(0, 3))
+
+
+# ----------------------------------------------------------------------------- -1 slots
+# Buckets with -1 slots (a (row, read) without a routed row) are what expert parallelism composes:
+# naive_buckets of ids with -1 entries gives them (a -1 id matches no expert).
+
+# (M, R, E, which (row, read) entries have no slot)
+MISSING_CASES = [
+    (6, 3, 5, "some"),  # about a third of the reads missing, row 0 entirely
+    (4, 2, 3, "none"),  # no -1: the usual buckets
+    (3, 2, 4, "all"),  # every read missing: N = 0, outputs are zero
+    (0, 2, 4, "all"),  # no rows
+]
+
+
+def ids_with_missing(M: int, R: int, E: int, which: str, seed: int) -> torch.Tensor:
+    ids = random_ids(M, R, E, seed)
+    if which == "all":
+        return torch.full_like(ids, -1)
+    if which == "some" and M:
+        missing = torch.rand(M, R, generator=torch.Generator().manual_seed(seed)) < 0.35
+        missing[0] = True
+        ids = ids.masked_fill(missing, -1)
+    return ids
+
+
+def buckets_of(ids_MR: torch.Tensor, E: int) -> ExpertBuckets:
+    row_of_slot, slot_of_row, offsets = naive_buckets(ids_MR, E)
+    M, R = ids_MR.shape
+    return ExpertBuckets(
+        torch.tensor(row_of_slot, dtype=torch.int32),
+        torch.tensor(slot_of_row, dtype=torch.int32).view(M, R),
+        torch.tensor(offsets, dtype=torch.int32),
+    )
+
+
+def weights_with_nan(ids_MR: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Gate weights, NaN where the read is missing: it must add nothing whatever its weight."""
+    return torch.rand(ids_MR.shape, generator=g).masked_fill(ids_MR < 0, float("nan")).requires_grad_()
+
+
+def naive_present_sum(
+    ids_MR: torch.Tensor,
+    w_MR: torch.Tensor,
+    read: Callable[[int, int], torch.Tensor],
+    width: int,
+    leaves: list[torch.Tensor],
+) -> torch.Tensor:
+    """``out[m] = sum over r with ids[m, r] >= 0 of w[m, r] * read(m, r)``, one read at a time.
+    Every leaf stays in the graph, so backward gives zeros where nothing reads it."""
+    M, R = ids_MR.shape
+    rows = [
+        sum((w_MR[m, r] * read(m, r) for r in range(R) if ids_MR[m, r] >= 0), w_MR.new_zeros(width))
+        for m in range(M)
+    ]
+    anchor = 0 * sum(leaf.nan_to_num().sum() for leaf in leaves)
+    return (torch.stack(rows) if rows else w_MR.new_zeros(0, width)) + anchor
+
+
+@pytest.mark.parametrize(("M", "R", "E", "which"), MISSING_CASES)
+def test_combine_skips_missing_slots(M: int, R: int, E: int, which: str) -> None:
+    H = 5
+    ids = ids_with_missing(M, R, E, which, seed=10)
+    b = buckets_of(ids, E)
+    g = torch.Generator().manual_seed(11)
+    y_NH = torch.randn(b.num_slots, H, generator=g).requires_grad_()
+    w_MR = weights_with_nan(ids, g)
+    out = BACKEND.combine(y_NH, b, w_MR, torch.float32)
+    upstream = torch.randn(M, H, generator=g)
+    (out * upstream).sum().backward()
+
+    y64, w64 = (t.detach().double().requires_grad_() for t in (y_NH, w_MR))
+    slots = b.slot_of_row_MR.tolist()
+    ref = naive_present_sum(ids, w64, lambda m, r: y64[slots[m][r]], H, [y64, w64])
+    (ref * upstream.double()).sum().backward()
+    torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(y_NH.grad.double(), y64.grad, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(w_MR.grad.double(), w64.grad, atol=1e-6, rtol=1e-6)  # 0 where missing
+
+
+@pytest.mark.parametrize(("M", "R", "E", "which"), MISSING_CASES)
+def test_permute_rows_backward_skips_missing_slots(M: int, R: int, E: int, which: str) -> None:
+    ids = ids_with_missing(M, R, E, which, seed=12)
+    b = buckets_of(ids, E)
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(M, 3, generator=g).requires_grad_()
+    x_NH = BACKEND.permute_rows(x, b)
+    assert torch.equal(x_NH, x.detach()[b.row_of_slot_N.long()])
+    upstream = torch.randn(b.num_slots, 3, generator=g)
+    (x_NH * upstream).sum().backward()
+    slots = b.slot_of_row_MR.tolist()
+    expected = [sum((upstream[s] for s in slots[m] if s >= 0), torch.zeros(3)) for m in range(M)]
+    torch.testing.assert_close(x.grad, torch.stack(expected) if M else torch.zeros(0, 3))
+
+
+@pytest.mark.parametrize(("M", "R", "E", "which"), MISSING_CASES)
+def test_expert_mlp_combine_skips_missing_slots(M: int, R: int, E: int, which: str) -> None:
+    H, I = 12, 10
+    ids = ids_with_missing(M, R, E, which, seed=14)
+    b = buckets_of(ids, E)
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(M, H, generator=g).requires_grad_()
+    w_MR = weights_with_nan(ids, g)
+    w_gate_up, w_down = random_weights(E, H, I, torch.float32, seed=16)
+    out = BACKEND.expert_mlp_combine(x, b, w_gate_up, w_down, w_MR, torch.float32)
+    upstream = torch.randn(M, H, generator=g)
+    (out * upstream).sum().backward()
+
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, w_MR, w_gate_up, w_down)]
+    x64, w64, gate_up64, down64 = leaves64
+
+    def expert_output(m: int, r: int) -> torch.Tensor:
+        e = int(ids[m, r])
+        gate, up = gate_up64[e, :I] @ x64[m], gate_up64[e, I:] @ x64[m]
+        return down64[e] @ (F.silu(gate) * up)
+
+    ref = naive_present_sum(ids, w64, expert_output, H, leaves64)
+    (ref * upstream.double()).sum().backward()
+    torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])
+    for got, want in zip((x, w_MR, w_gate_up, w_down), leaves64):
+        torch.testing.assert_close(got.grad.double(), want.grad, **TOL[torch.float32])

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import moe_replay as mr
+from moe_replay.backends.base import ExpertBuckets
 from moe_replay.backends.registry import get_backend
 
 triton = pytest.importorskip("triton")
@@ -268,6 +269,106 @@ def test_permute_rows_and_its_backward() -> None:
     (g,) = torch.autograd.grad((out * upstream).sum(), x)
     (g_ref,) = torch.autograd.grad((TORCH.permute_rows(x, buckets) * upstream).sum(), x)
     torch.testing.assert_close(g, g_ref)
+
+
+# -1 slots (a (row, read) without a routed row: the expert-parallel receiver's and origin's
+# buckets). Built from a dispatch with a sink expert E for the missing reads, the sink cut off.
+MISSING_CASES = [
+    (9, 3, 5, 0.4),  # some reads missing, row 0 entirely, several row blocks
+    (5, 2, 4, 1.0),  # every read missing: no routed rows, outputs are zero
+]
+
+
+def buckets_with_missing(T: int, R: int, E: int, missing: float) -> tuple[torch.Tensor, ExpertBuckets]:
+    """``(ids_MR with -1 for missing reads, buckets whose slot is -1 there)``."""
+    gen = torch.Generator().manual_seed(T + R + E)
+    ids = random_forced(T, E, R, gen, free=missing)
+    ids[0] = -1
+    ids = ids.to(DEVICE)
+    sink = TRITON.dispatch(torch.where(ids >= 0, ids, E), E + 1)
+    n = int(sink.offsets_E1[E])
+    slot = torch.where(sink.slot_of_row_MR < n, sink.slot_of_row_MR, -1)
+    return ids, ExpertBuckets(sink.row_of_slot_N[:n], slot, sink.offsets_E1[: E + 1])
+
+
+def present_sum(ids_MR: torch.Tensor, w_MR: torch.Tensor, read, width: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Naive loop: ``out[m] = sum over r with ids[m, r] >= 0 of w[m, r] * read(m, r)``."""
+    M, R = ids_MR.shape
+    rows = [
+        sum((w_MR[m, r] * read(m, r) for r in range(R) if ids_MR[m, r] >= 0), w_MR.new_zeros(width))
+        for m in range(M)
+    ]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("T,R,E,missing", MISSING_CASES)
+def test_combine_and_permute_rows_skip_missing_slots(T: int, R: int, E: int, missing: float) -> None:
+    H = 20
+    ids, b = buckets_with_missing(T, R, E, missing)
+    gen = torch.Generator().manual_seed(8)
+    y = torch.randn(b.num_slots, H, generator=gen).to(DEVICE).requires_grad_()
+    # NaN weights on missing reads: they must add nothing, and get a zero gradient
+    w = torch.rand(T, R, generator=gen).to(DEVICE).masked_fill(ids < 0, float("nan")).requires_grad_()
+    out = TRITON.combine(y, b, w, torch.float32)
+    upstream = torch.randn(T, H, generator=gen).to(DEVICE)
+    dy, dw = torch.autograd.grad((out * upstream).sum(), (y, w))
+
+    slots = b.slot_of_row_MR.tolist()
+    y64 = y.detach().double()
+    ref = present_sum(ids, w.detach().double(), lambda m, r: y64[slots[m][r]], H)
+    torch.testing.assert_close(out.double(), ref)
+    dy_ref = torch.zeros_like(y64)
+    dw_ref = torch.zeros(T, R, dtype=torch.float64, device=DEVICE)
+    for m in range(T):
+        for r in range(R):
+            if slots[m][r] >= 0:
+                dy_ref[slots[m][r]] = w[m, r].double() * upstream[m].double()
+                dw_ref[m, r] = upstream[m].double() @ y64[slots[m][r]]
+    torch.testing.assert_close(dy.double(), dy_ref)
+    torch.testing.assert_close(dw.double(), dw_ref, rtol=1e-5, atol=1e-5)  # float32 dot of H terms
+
+    x = torch.randn(T, H, generator=gen).to(DEVICE).requires_grad_()
+    x_NH = TRITON.permute_rows(x, b)
+    assert torch.equal(x_NH, x.detach()[b.row_of_slot_N.long()])
+    up_N = torch.randn(b.num_slots, H, generator=gen).to(DEVICE)
+    (dx,) = torch.autograd.grad((x_NH * up_N).sum(), x)
+    ones = torch.ones(T, R, dtype=torch.float64, device=DEVICE)
+    torch.testing.assert_close(
+        dx.double(), present_sum(ids, ones, lambda m, r: up_N[slots[m][r]].double(), H)
+    )
+
+
+@pytest.mark.parametrize("T,R,E,missing", MISSING_CASES)
+def test_expert_mlp_combine_skips_missing_slots(T: int, R: int, E: int, missing: float) -> None:
+    """The fused experts+combine on the receiver's buckets: forward and every gradient."""
+    H, I = 16, 24
+    ids, b = buckets_with_missing(T, R, E, missing)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(T, H, generator=gen).to(DEVICE).requires_grad_()
+    w = torch.rand(T, R, generator=gen).to(DEVICE).masked_fill(ids < 0, float("nan")).requires_grad_()
+    w1 = (torch.randn(E, 2 * I, H, generator=gen) / H**0.5).to(DEVICE).requires_grad_()
+    w2 = (torch.randn(E, H, I, generator=gen) / I**0.5).to(DEVICE).requires_grad_()
+    upstream = torch.randn(T, H, generator=gen).to(DEVICE)
+    leaves = (x, w, w1, w2)
+    out = TRITON.expert_mlp_combine(x, b, w1, w2, w, torch.float32)
+    grads = torch.autograd.grad((out * upstream).sum(), leaves, allow_unused=True)
+
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    x64, w64, w1_64, w2_64 = leaves64
+
+    def expert_output(m: int, r: int) -> torch.Tensor:
+        e = int(ids[m, r])
+        gate, up = (w1_64[e] @ x64[m]).chunk(2)
+        return w2_64[e] @ (torch.nn.functional.silu(gate) * up)
+
+    anchor = 0 * sum(leaf.nan_to_num().sum() for leaf in leaves64)  # every leaf in the graph
+    ref = present_sum(ids, w64, expert_output, H) + anchor
+    ref_grads = torch.autograd.grad((ref * upstream.double()).sum(), leaves64, allow_unused=True)
+    assert rel(out, ref) < TOL[torch.float32]
+    for got, want, leaf in zip(grads, ref_grads, leaves64):
+        want = torch.zeros_like(leaf) if want is None else want  # nothing routed: zero gradients
+        got = torch.zeros_like(leaf) if got is None else got
+        assert torch.isfinite(got).all() and rel(got, want) < TOL[torch.float32]
 
 
 def test_replay_uses_triton_routing() -> None:

@@ -1,12 +1,18 @@
 """Combine and row permutation: gathers, never atomics, so results are deterministic.
 
-Shape legend: M rows, R reads per row, N = M * R routed rows (bucket order), H hidden.
+Shape legend: M rows, R reads per row, N routed rows (bucket order; ``M * R`` without ``-1``
+slots), H hidden.
 
 * ``gather_sum``: ``out_MH[m] = sum_r w[m, r] * src_NH[slot_of_row[m, r]]`` (w = 1 when absent),
-  float32 sums. It is combine's forward, and the backward of anything that read row m R times.
+  float32 sums in read order. It is combine's forward, and the backward of anything that read
+  row m up to R times.
 * ``_combine_bwd_kernel``: for each (m, r): ``dsrc[slot] = w[m, r] * dout[m]`` (the slots are a
   permutation, so these are plain stores) and ``dw[m, r] = <dout[m], src[slot]>``.
 * ``_gather_rows_kernel``: ``out_NH[n] = x_MH[row_of_slot[n]]`` (permute_rows' forward).
+
+A ``-1`` slot (``ExpertBuckets``: that read has no routed row) is masked out: ``gather_sum``
+neither loads its row nor its weight, ``_combine_bwd_kernel`` stores no row gradient for it and a
+zero weight gradient.
 """
 
 from __future__ import annotations
@@ -44,10 +50,12 @@ def _gather_sum_kernel(
     ok = row_ok[:, None] & (cols < H)[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
     for r in range(R):
-        slot = tl.load(slot_ptr + rows64 * R + r, mask=row_ok, other=0).to(tl.int64)
-        v = tl.load(src_ptr + slot[:, None] * H + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        slot = tl.load(slot_ptr + rows64 * R + r, mask=row_ok, other=-1).to(tl.int64)
+        has = slot >= 0  # -1: no routed row, adds nothing
+        src_ptrs = src_ptr + slot[:, None] * H + cols[None, :]
+        v = tl.load(src_ptrs, mask=ok & has[:, None], other=0.0).to(tl.float32)
         if HAS_WEIGHTS:
-            v = v * tl.load(weights_ptr + rows64 * R + r, mask=row_ok, other=0.0)[:, None]
+            v = v * tl.load(weights_ptr + rows64 * R + r, mask=has, other=0.0)[:, None]
         acc += v
     tl.store(out_ptr + rows64[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -70,20 +78,20 @@ def _combine_bwd_kernel(
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
     for r in range(R):
-        slot = tl.load(slot_ptr + rows64 * R + r, mask=row_ok, other=0).to(tl.int64)
-        w = tl.load(weights_ptr + rows64 * R + r, mask=row_ok, other=0.0)
+        slot = tl.load(slot_ptr + rows64 * R + r, mask=row_ok, other=-1).to(tl.int64)
+        has = slot >= 0  # -1: no routed row; nothing stored, dw = 0
+        w = tl.load(weights_ptr + rows64 * R + r, mask=has, other=0.0)
         dot = tl.zeros([BLOCK_M], tl.float32)
         for h0 in range(0, H, BLOCK_H):
             cols = h0 + tl.arange(0, BLOCK_H)
             ok = row_ok[:, None] & (cols < H)[None, :]
-            dout = tl.load(dout_ptr + rows64[:, None] * H + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            src = tl.load(src_ptr + slot[:, None] * H + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            slot_ok = ok & has[:, None]
+            at_row = rows64[:, None] * H + cols[None, :]
+            at_slot = slot[:, None] * H + cols[None, :]
+            dout = tl.load(dout_ptr + at_row, mask=slot_ok, other=0.0).to(tl.float32)
+            src = tl.load(src_ptr + at_slot, mask=slot_ok, other=0.0).to(tl.float32)
             dot += tl.sum(dout * src, 1)
-            tl.store(
-                dsrc_ptr + slot[:, None] * H + cols[None, :],
-                (dout * w[:, None]).to(dsrc_ptr.dtype.element_ty),
-                mask=ok,
-            )
+            tl.store(dsrc_ptr + at_slot, (dout * w[:, None]).to(dsrc_ptr.dtype.element_ty), mask=slot_ok)
         tl.store(dw_ptr + rows64 * R + r, dot, mask=row_ok)
 
 

@@ -189,6 +189,66 @@ def test_layer_with_tma_descriptors_matches_reference(T, E, K, H, I, monkeypatch
     test_layer_forward_backward_matches_reference(T, E, K, H, I, torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,E,K,H,I", LAYER_CASES)
+def test_layer_backward_through_grouped_mm_matches_reference(T, E, K, H, I, dtype, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The backward with ``torch._grouped_mm`` GEMMs (the default on sm90 in bf16; forced here, on
+    the CPU through its fallback) and the elementwise SwiGLU backward."""
+    from moe_replay.backends.triton import experts
+
+    monkeypatch.setattr(experts, "GROUPED_MM_BACKWARD", "1")
+    calls = []
+    original = experts._grouped_mm_grads
+    monkeypatch.setattr(experts, "_grouped_mm_grads", lambda *a: calls.append(1) or original(*a))
+    test_layer_forward_backward_matches_reference(T, E, K, H, I, dtype)
+    assert calls  # the path under test ran
+
+
+def test_grouped_mm_backward_rows_path_and_idle_experts(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from moe_replay.backends.triton import experts
+
+    monkeypatch.setattr(experts, "GROUPED_MM_BACKWARD", "1")
+    test_expert_mlp_rows_match_reference()
+    test_expert_mlp_idle_experts_get_zero_gradient()
+
+
+def test_grouped_mm_backward_needs_aligned_rows(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Rows that ``torch._grouped_mm`` cannot address (16-byte alignment) keep our kernels."""
+    from moe_replay.backends.triton import experts
+
+    monkeypatch.setattr(experts, "GROUPED_MM_BACKWARD", "1")
+    buckets = TRITON.dispatch(torch.zeros(3, 1, dtype=torch.long, device=DEVICE), 2)
+    x = torch.zeros(3, 16, dtype=torch.bfloat16, device=DEVICE)
+    for I, ok in ((24, True), (20, False)):
+        w1 = torch.zeros(2, 2 * I, 16, dtype=torch.bfloat16, device=DEVICE)
+        w2 = torch.zeros(2, 16, I, dtype=torch.bfloat16, device=DEVICE)
+        assert experts._grouped_mm_ok(x, w1, w2, buckets) is ok
+        assert not experts._grouped_mm_ok(x, w1.transpose(1, 2).contiguous().transpose(1, 2), w2, buckets)
+    monkeypatch.setattr(experts, "GROUPED_MM_BACKWARD", "0")
+    assert not experts._grouped_mm_ok(x, torch.zeros(2, 48, 16), torch.zeros(2, 16, 24), buckets)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("N,I", [(0, 8), (5, 8), (9, 1100)])  # I > one column block of the kernel
+def test_swiglu_bwd_matches_autograd(N: int, I: int, weighted: bool) -> None:
+    from moe_replay.backends.triton.swiglu import swiglu_bwd
+
+    gen = torch.Generator().manual_seed(N + I)
+    gu = torch.randn(N, 2 * I, generator=gen).to(DEVICE).requires_grad_()
+    dh = torch.randn(N, I, generator=gen).to(DEVICE)
+    w = torch.rand(N, generator=gen).to(DEVICE) if weighted else None
+    g, u = gu.chunk(2, dim=1)
+    h = torch.nn.functional.silu(g) * u
+    (want_dgu,) = torch.autograd.grad(h, gu, dh * w[:, None] if weighted else dh)
+    dgu, dweight, hw = swiglu_bwd(dh, gu.detach(), w)
+    assert rel(dgu, want_dgu) < 1e-6
+    if weighted:
+        assert rel(dweight, (dh * h).sum(1)) < 1e-6
+        assert rel(hw, h * w[:, None]) < 1e-6
+    else:
+        assert dweight is None and hw is None
+
+
 def test_tiles_that_do_not_fit_shrink_and_are_remembered(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Tiles tuned for an H100 fall back to fewer stages, then a smaller K block, elsewhere."""
     from triton.runtime.errors import OutOfResources
@@ -416,7 +476,12 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
         (1, 128, 8, 2048, 768, {}),  # decode
     ],
 )
-def test_gpu_layer_matches_reference(T, E, K, H, I, extra) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("grouped_mm", ["auto", "0"])
+def test_gpu_layer_matches_reference(T, E, K, H, I, extra, grouped_mm, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Both backward paths: ``torch._grouped_mm`` GEMMs (the default here) and our kernels."""
+    from moe_replay.backends.triton import experts
+
+    monkeypatch.setattr(experts, "GROUPED_MM_BACKWARD", grouped_mm)
     torch.manual_seed(0)
     cfg = mr.MoEConfig(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, **extra)
     tri = mr.MoE(cfg, backend="triton", device="cuda", dtype=torch.bfloat16)
@@ -436,6 +501,10 @@ def test_gpu_layer_matches_reference(T, E, K, H, I, extra) -> None:  # type: ign
     assert rel(dx_t, dx_r) < TOL[torch.bfloat16]
     for a, b in zip(g_t, g_r):
         assert rel(a, b) < TOL[torch.bfloat16]
+    idle = torch.ones(E, dtype=torch.bool, device="cuda")
+    idle[ids_r.flatten()] = False
+    assert tri.experts.gate_up_proj.grad[idle].abs().sum() == 0  # empty groups: zero, not garbage
+    assert tri.experts.down_proj.grad[idle].abs().sum() == 0
 
 
 @gpu

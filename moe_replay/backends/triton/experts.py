@@ -15,6 +15,10 @@ Kernels (one launch each, grids known from shapes, no host synchronisation):
   optionally gathered through ``row_of_slot`` (A then scaled per row). An expert with no rows
   gets a zero gradient.
 
+The backward runs these kernels, or, where it measured faster (``GROUPED_MM_BACKWARD``: bf16 on
+compute capability 9.0+), ``torch._grouped_mm`` for its four GEMMs on gathered rows with the
+SwiGLU backward as one elementwise pass (``swiglu.py``); both give the same gradients.
+
 ``expert_mlp_combine`` (the local layer's path) puts the combine inside the autograd Function, so
 its backward reads the token gradients directly and never materialises ``dy_NH`` (see
 ``_ExpertMLPCombine``). ``expert_mlp`` returns the routed rows (expert parallelism needs them).
@@ -46,6 +50,7 @@ from moe_replay.backends.triton._common import (
     pow2,
 )
 from moe_replay.backends.triton.combine import gather_sum
+from moe_replay.backends.triton.swiglu import swiglu_bwd
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -57,6 +62,12 @@ logger = logging.getLogger(__name__)
 # Whether kernels on compute capability 9.0+ load weights (and unpermuted activations) through
 # TMA descriptors. MOE_REPLAY_TRITON_TMA=0/1 overrides (a tuning switch for benchmarks).
 TMA_BY_DEFAULT = os.environ.get("MOE_REPLAY_TRITON_TMA", "1") == "1"
+
+# Which GEMMs the backward runs: "auto" uses torch._grouped_mm (CUTLASS) for all four on compute
+# capability 9.0+ in bfloat16, where it measured faster than these kernels on every shape of
+# BENCHMARKS.md (benchmarks/RESULTS.md); "1" wherever its alignment allows (CPU included: its
+# fallback there is how CI covers that path), "0" never. A tuning switch, like the one above.
+GROUPED_MM_BACKWARD = os.environ.get("MOE_REPLAY_TRITON_GROUPED_MM", "auto")
 
 
 # fmt: off
@@ -486,6 +497,105 @@ def _input_grads(
     return dx, dw_gate_up
 
 
+def _weight_of_slot(weights_MR: torch.Tensor, slot_of_row_MR: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Each slot's gate weight, ``[N]`` float32. The used slots are a permutation (no repeats);
+    ``-1`` entries (no slot) land in a spare last element, which is cut off."""
+    out = torch.empty(num_slots + 1, dtype=torch.float32, device=weights_MR.device)
+    out[slot_of_row_MR.reshape(-1).long()] = weights_MR.reshape(-1).float()
+    return out[:num_slots]
+
+
+def _row_values(per_slot_N: torch.Tensor, slot_of_row_MR: torch.Tensor) -> torch.Tensor:
+    """``[M, R]``: each (row, r)'s slot value, 0 where there is no slot (``-1``)."""
+    slots = slot_of_row_MR.long()
+    padded = torch.cat([per_slot_N, per_slot_N.new_zeros(1)])  # index -1 reads the appended zero
+    return padded[slots]
+
+
+def _grouped_mm_ok(
+    x_MH: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, buckets: ExpertBuckets
+) -> bool:
+    """Whether the backward GEMMs run as ``torch._grouped_mm`` (see ``GROUPED_MM_BACKWARD``)."""
+    if GROUPED_MM_BACKWARD == "0" or not hasattr(torch, "_grouped_mm"):
+        return False
+    # Its operands need 16-byte aligned rows; the weights are read as stored.
+    aligned = all(n * x_MH.element_size() % 16 == 0 for n in (w_down.shape[1], w_down.shape[2]))
+    if buckets.num_slots == 0 or not (aligned and w_gate_up.is_contiguous() and w_down.is_contiguous()):
+        return False
+    if GROUPED_MM_BACKWARD == "1":
+        return True
+    return x_MH.is_cuda and x_MH.dtype == torch.bfloat16 and _capability(x_MH.device.index)[0] >= 9
+
+
+def _backward(
+    dy: torch.Tensor,
+    x_MH: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    buckets: ExpertBuckets,
+    gu_N2I: torch.Tensor,
+    h_NI: torch.Tensor | None,
+    weight_of_slot_N: torch.Tensor | None,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, d gate_up_proj, d down_proj, dweight_N)`` of the experts.
+
+    ``dy`` is the gradient of the routed rows ``[N, H]`` (``weight_of_slot_N`` None, ``h_NI`` saved),
+    or, with each slot's gate weight ``weight_of_slot_N``, the gradient of the combined tokens
+    ``[M, H]``, read per routed row (then ``dweight_N``, each slot's gate-weight gradient, is
+    returned too). ``needs``: whether x, gate_up_proj, down_proj need gradients.
+    """
+    needs_x, needs_gate_up, needs_down = needs
+    if _grouped_mm_ok(x_MH, w_gate_up, w_down, buckets):
+        return _grouped_mm_grads(dy, x_MH, w_gate_up, w_down, buckets, gu_N2I, h_NI, weight_of_slot_N, needs)
+    weighted = weight_of_slot_N is not None
+    dgu_N2I, dweight_parts_NT, weighted_h_NI = grouped_linear(
+        dy, buckets, w_down, _transposed(w_down), w_down.shape[2],
+        gu_N2I=gu_N2I, gather_a=weighted, row_scale_N=weight_of_slot_N,
+    )  # fmt: skip
+    dx, dw_gate_up = _input_grads(needs_x, needs_gate_up, dgu_N2I, x_MH, w_gate_up, buckets)
+    dw_down = None
+    if needs_down:
+        dw_down = grouped_wgrad(
+            dy, weighted_h_NI if weighted else h_NI, buckets, weighted, False, w_down.dtype
+        )
+    dweight_N = dweight_parts_NT.sum(1) if weighted else None
+    return dx, dw_gate_up, dw_down, dweight_N
+
+
+def _grouped_mm_grads(
+    dy: torch.Tensor,
+    x_MH: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    buckets: ExpertBuckets,
+    gu_N2I: torch.Tensor,
+    h_NI: torch.Tensor | None,
+    weight_of_slot_N: torch.Tensor | None,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``_backward`` with the four GEMMs as ``torch._grouped_mm`` on gathered rows, the SwiGLU
+    backward as one elementwise pass (``swiglu.swiglu_bwd``)."""
+    needs_x, needs_gate_up, needs_down = needs
+    offs = buckets.offsets_E1[1:]
+    row_of_slot = buckets.row_of_slot_N
+    weighted = weight_of_slot_N is not None
+    dy_NH = dy.index_select(0, row_of_slot) if weighted else dy
+    dh_NI = torch._grouped_mm(dy_NH, w_down, offs=offs)
+    dgu_N2I, dweight_N, weighted_h_NI = swiglu_bwd(dh_NI, gu_N2I, weight_of_slot_N)
+    del dh_NI
+    dx = dw_gate_up = dw_down = None
+    if needs_down:
+        dw_down = torch._grouped_mm(dy_NH.t(), weighted_h_NI if weighted else h_NI, offs=offs)
+    del dy_NH, weighted_h_NI
+    if needs_x:
+        dx_NH = torch._grouped_mm(dgu_N2I, w_gate_up, offs=offs)
+        dx = gather_sum(dx_NH, buckets.slot_of_row_MR, None, x_MH.dtype)
+    if needs_gate_up:
+        dw_gate_up = torch._grouped_mm(dgu_N2I.t(), x_MH.index_select(0, row_of_slot), offs=offs)
+    return dx, dw_gate_up, dw_down, dweight_N
+
+
 class _ExpertMLP(torch.autograd.Function):
     """``y_NH`` in bucket order (the expert-parallel dispatchers need the rows before combining)."""
 
@@ -504,13 +614,9 @@ class _ExpertMLP(torch.autograd.Function):
     def backward(ctx, dy_NH):  # type: ignore[override]
         x_MH, w_gate_up, w_down, row_of_slot, slot_of_row, offsets, h_NI, gu_N2I = ctx.saved_tensors
         buckets = ExpertBuckets(row_of_slot, slot_of_row, offsets)
-        dy_NH = dy_NH.contiguous()
-        dgu_N2I, _, _ = grouped_linear(
-            dy_NH, buckets, w_down, _transposed(w_down), w_down.shape[2], gu_N2I=gu_N2I
+        dx, dw_gate_up, dw_down, _ = _backward(
+            dy_NH.contiguous(), x_MH, w_gate_up, w_down, buckets, gu_N2I, h_NI, None, ctx.needs_input_grad[:3]
         )
-        needs = ctx.needs_input_grad
-        dx, dw_gate_up = _input_grads(needs[0], needs[1], dgu_N2I, x_MH, w_gate_up, buckets)
-        dw_down = grouped_wgrad(dy_NH, h_NI, buckets, False, False, w_down.dtype) if needs[2] else None
         return dx, dw_gate_up, dw_down, None, None, None
 
 
@@ -559,19 +665,12 @@ class _ExpertMLPCombine(torch.autograd.Function):
         x_MH, w_gate_up, w_down, weights, row_of_slot, slot_of_row, offsets, gu_N2I = ctx.saved_tensors
         buckets = ExpertBuckets(row_of_slot, slot_of_row, offsets)
         dout_MH = dout_MH.to(x_MH.dtype).contiguous()
-        weight_of_slot_N = torch.empty(buckets.num_slots, dtype=torch.float32, device=weights.device)
-        weight_of_slot_N[slot_of_row.reshape(-1).long()] = weights.reshape(-1)  # a permutation: no repeats
-        dgu_N2I, dweight_parts_NT, weighted_h_NI = grouped_linear(
-            dout_MH, buckets, w_down, _transposed(w_down), w_down.shape[2],
-            gu_N2I=gu_N2I, gather_a=True, row_scale_N=weight_of_slot_N,
-        )  # fmt: skip
+        weight_of_slot_N = _weight_of_slot(weights, slot_of_row, buckets.num_slots)
         needs = ctx.needs_input_grad
-        dx, dw_gate_up = _input_grads(needs[0], needs[1], dgu_N2I, x_MH, w_gate_up, buckets)
-        dw_down = dweights = None
-        if needs[2]:
-            dw_down = grouped_wgrad(dout_MH, weighted_h_NI, buckets, True, False, w_down.dtype)
-        if needs[3]:
-            dweights = dweight_parts_NT.sum(1)[slot_of_row.long()].to(ctx.weights_dtype)
+        dx, dw_gate_up, dw_down, dweight_N = _backward(
+            dout_MH, x_MH, w_gate_up, w_down, buckets, gu_N2I, None, weight_of_slot_N, needs[:3]
+        )
+        dweights = _row_values(dweight_N, slot_of_row).to(ctx.weights_dtype) if needs[3] else None
         return dx, dw_gate_up, dw_down, dweights, None, None, None, None
 
 

@@ -2,7 +2,8 @@
 
     python benchmarks/profile_stages.py --tokens 4096,16384 --json stages.json
 
-For the Qwen3-30B-A3B shape (bf16, uniform routing): each stage alone (CUDA-graph timing for the
+For one shape of BENCHMARKS.md (``--shape``, default Qwen3-30B-A3B; bf16, uniform routing): each
+stage alone (CUDA-graph timing for the
 small kernels, whose launch would otherwise dominate), a sweep of tile shapes for every grouped
 GEMM kernel with ``torch._grouped_mm`` on the same problem as the yardstick, and decode-size
 (T=1) tile shapes timed in CUDA graphs over rotating routings. GPU only.
@@ -20,8 +21,7 @@ import triton.testing
 
 import moe_replay as mr
 from moe_replay.backends.triton import combine, dispatch, experts, route
-
-SHAPE = {"hidden_size": 2048, "num_experts": 128, "top_k": 8, "intermediate_size": 768}
+from moe_replay.bench import SHAPES
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, TMA): the best pointer-load shapes of the
 # first sweep (RESULTS.md), each also with TMA descriptors for the weights / unpermuted rows.
@@ -41,10 +41,13 @@ DOWN_TILES = [
 ]
 DGRAD_DOWN_TILES = [
     (128, 128, 64, 8, 4, 0),
-    (128, 128, 64, 8, 4, 1),
+    (128, 128, 64, 8, 3, 0),
     (64, 128, 64, 4, 4, 0),
-    (64, 128, 64, 4, 4, 1),
-    (128, 128, 64, 8, 3, 1),
+    (128, 64, 64, 8, 4, 0),
+    (128, 64, 64, 4, 4, 0),
+    (64, 64, 64, 4, 4, 0),
+    (128, 64, 128, 8, 3, 0),
+    (64, 256, 64, 8, 3, 0),
 ]
 DGRAD_GATE_UP_TILES = [
     (128, 256, 64, 8, 3, 0),
@@ -52,7 +55,14 @@ DGRAD_GATE_UP_TILES = [
     (128, 128, 64, 8, 3, 0),
     (128, 128, 64, 8, 3, 1),
 ]
-WGRAD_TILES = [(128, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+WGRAD_TILES = [
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 32, 8, 5),
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 256, 32, 8, 4),
+]
 DECODE_TILES = [
     (16, 64, 128, 4, 4, 0),
     (16, 64, 128, 4, 4, 1),
@@ -99,8 +109,8 @@ def safe(name: str, fn, out: dict) -> None:  # type: ignore[no-untyped-def]
     print(f"  {name:<48} {out[name]}", flush=True)
 
 
-def profile(T: int, sweep: bool = True) -> dict:
-    cfg = mr.MoEConfig(**SHAPE)
+def profile(T: int, shape: str, sweeps: list[str] | None) -> dict:
+    cfg = mr.MoEConfig(**SHAPES[shape])
     H, E, K, I = cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.intermediate_size
     torch.manual_seed(0)
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
@@ -116,9 +126,9 @@ def profile(T: int, sweep: bool = True) -> dict:
     dy_N = torch.randn_like(y)
     dgu, _, _ = experts.grouped_linear(dy_N, b, w2, (w2.stride(0), w2.stride(2), w2.stride(1)), I, gu_N2I=gu)
     flops_gate_up, flops_down = 2 * T * K * H * 2 * I, 2 * T * K * H * I
-    res: dict = {"tokens": T, "stages_ms": {}, "sweeps": {}}
+    res: dict = {"shape": shape, "tokens": T, "stages_ms": {}, "sweeps": {}}
     st = res["stages_ms"]
-    print(f"T={T}")
+    print(f"{shape} T={T}")
     safe("router_gemm_fp32", lambda: bench(lambda: F.linear(x.float(), router)), st)
     safe("route_kernel (graph)", lambda: graph_bench([lambda: route.route_fwd(logits, cfg, None, None)]), st)
     safe(
@@ -126,6 +136,14 @@ def profile(T: int, sweep: bool = True) -> dict:
         lambda: graph_bench([lambda: route.route_fwd(logits, cfg, ids, None)]),
         st,
     )
+    for block_t in (4, 8, 16, 32):
+        for warps in (1, 2, 4, 8):
+            tiles = {"BLOCK_T": block_t, "num_warps": warps}
+            safe(
+                f"route_kernel_forced {tiles} (graph)",
+                lambda t=tiles: graph_bench([lambda: route.route_fwd(logits, cfg, ids, None, tiles=t)]),
+                st,
+            )
     safe("torch_softmax_topk", lambda: bench(lambda: torch.softmax(logits, -1).topk(K)), st)
     safe("dispatch (graph)", lambda: graph_bench([lambda: dispatch.dispatch(ids, E)]), st)
     safe(
@@ -161,6 +179,15 @@ def profile(T: int, sweep: bool = True) -> dict:
         st,
     )
     safe("torch_gather_rows", lambda: bench(lambda: x[b.row_of_slot_N.long()]), st)
+    # The backward GEMMs as torch._grouped_mm (CUTLASS) runs them, on materialised operands.
+    safe("torch_grouped_mm_dgrad_down", lambda: bench(lambda: torch._grouped_mm(dy_N, w2, offs=offs)), st)
+    safe("torch_grouped_mm_dgrad_gate_up", lambda: bench(lambda: torch._grouped_mm(dgu, w1, offs=offs)), st)
+    safe(
+        "torch_grouped_mm_wgrad_gate_up",
+        lambda: bench(lambda: torch._grouped_mm(dgu.t(), xs, offs=offs)),
+        st,
+    )
+    safe("torch_grouped_mm_wgrad_down", lambda: bench(lambda: torch._grouped_mm(dy_N.t(), h, offs=offs)), st)
 
     w_slot = torch.rand(T * K, device="cuda")
     dgrad_args = dict(gu_N2I=gu, gather_a=True, row_scale_N=w_slot)
@@ -179,8 +206,6 @@ def profile(T: int, sweep: bool = True) -> dict:
         st,
     )
     sw = res["sweeps"]
-    if not sweep:
-        return res
     for name, tiles, fn, flops in [
         (
             "gate_up",
@@ -221,6 +246,8 @@ def profile(T: int, sweep: bool = True) -> dict:
             flops_down,
         ),
     ]:
+        if sweeps is not None and name not in sweeps:
+            continue
         print(f" sweep {name}")
         sw[name] = {}
         for c in tiles:
@@ -240,8 +267,8 @@ class _Ctx:  # stands in for autograd's ctx to time _Combine.backward alone
         self.weights_dtype = torch.float32
 
 
-def profile_decode(rotations: int = 16) -> dict:
-    cfg = mr.MoEConfig(**SHAPE)
+def profile_decode(shape: str, rotations: int = 16) -> dict:
+    cfg = mr.MoEConfig(**SHAPES[shape])
     H, E, K, I = cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.intermediate_size
     torch.manual_seed(0)
     w1 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / H**0.5
@@ -292,9 +319,11 @@ def profile_decode(rotations: int = 16) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", default="qwen3-30b-a3b", choices=list(SHAPES))
     parser.add_argument("--tokens", default="4096,16384")
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--no-sweep", action="store_true", help="stage times only, no tile sweeps")
+    parser.add_argument("--sweeps", default=None, help="comma-separated kernels to sweep (default: all)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     out = {
@@ -311,10 +340,11 @@ def main() -> int:
             os.replace(args.json + ".tmp", args.json)
 
     if not args.no_decode:
-        out["decode"] = profile_decode()
+        out["decode"] = profile_decode(args.shape)
         dump()
     for T in (int(t) for t in args.tokens.split(",")):
-        out["runs"].append(profile(T, sweep=not args.no_sweep))
+        sweeps = [] if args.no_sweep else args.sweeps.split(",") if args.sweeps else None
+        out["runs"].append(profile(T, args.shape, sweeps))
         dump()
     return 0
 

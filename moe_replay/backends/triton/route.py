@@ -244,21 +244,25 @@ def _flags(cfg: MoEConfig) -> dict:
 
 
 def route_fwd(
-    logits_TE: torch.Tensor, cfg: MoEConfig, forced_TK: torch.Tensor | None, bias_E: torch.Tensor | None
+    logits_TE: torch.Tensor,
+    cfg: MoEConfig,
+    forced_TK: torch.Tensor | None,
+    bias_E: torch.Tensor | None,
+    tiles: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids_TK, weights_TK)``; ``tiles`` (``BLOCK_T``, ``num_warps``) overrides for tuning."""
     T, E = logits_TE.shape
     ids_TK = torch.empty(T, cfg.top_k, dtype=torch.int32, device=logits_TE.device)
     weights_TK = torch.empty(T, cfg.top_k, dtype=torch.float32, device=logits_TE.device)
     if T == 0:
         return ids_TK, weights_TK
     shared, groups = _flags(cfg)
-    block_t = _block_t(shared["E_PAD"])
+    tiles = tiles or {"BLOCK_T": _block_t(shared["E_PAD"]), "num_warps": 4}
     forced = forced_TK.to(torch.int32).contiguous() if forced_TK is not None else ids_TK
     bias = bias_E.float().contiguous() if bias_E is not None else logits_TE
-    _route_fwd_kernel[(triton.cdiv(T, block_t),)](
+    _route_fwd_kernel[(triton.cdiv(T, tiles["BLOCK_T"]),)](
         logits_TE, bias, forced, ids_TK, weights_TK, T, E, float(cfg.routed_scaling_factor),
-        BLOCK_T=block_t, HAS_BIAS=bias_E is not None, HAS_FORCED=forced_TK is not None,
-        **shared, **groups, num_warps=4,
+        HAS_BIAS=bias_E is not None, HAS_FORCED=forced_TK is not None, **shared, **groups, **tiles,
     )  # fmt: skip
     return ids_TK, weights_TK
 

@@ -241,11 +241,12 @@ class MoE(MoELayer):
     (counts may differ, zero included) and its own forced ids, getting its own outputs: the
     single-process layer's results on the ranks' tokens concatenated. ``ep_mode`` picks how rows
     reach the experts: ``"allgather"`` (every rank sees every token; simple) or ``"alltoall"``
-    (each routed row goes only to its expert's owner; scales). See :mod:`moe_replay.parallel`.
-    Every forward and backward is then a collective: all ranks run them, also a rank with no
-    tokens, whose experts serve the others. Expert gradients land on the owning rank; the router's
-    gradient on each rank covers its own tokens only, so **all-reduce the router's gradients**
-    over the group (sum) before the optimiser step, as data parallelism would.
+    (each token goes only to the ranks holding its experts, once per rank; scales). See
+    :mod:`moe_replay.parallel`. Every forward and backward is then a collective: all ranks run
+    them, also a rank with no tokens, whose experts serve the others. Expert gradients land on
+    the owning rank; the router's gradient on each rank covers its own tokens only, so
+    **all-reduce the router's gradients** over the group (sum) before the optimiser step, as data
+    parallelism would.
     Tensors must be where the group's backend runs collectives: CPU for gloo, CUDA for NCCL.
     """
 

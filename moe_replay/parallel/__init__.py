@@ -9,9 +9,10 @@ layers alike, run under them unchanged:
 * ``allgather`` (:class:`AllGatherDispatcher`): all-gather every rank's tokens and routing, run
   this rank's experts on all of them, reduce-scatter the partial sums back. Simple; each rank
   handles every token.
-* ``alltoall`` (:class:`AllToAllDispatcher`): exchange row counts, send each routed row only to
-  the rank owning its expert, run the experts, send the outputs back, combine on the origin rank.
-  Each rank handles only its experts' rows: the scheme that scales.
+* ``alltoall`` (:class:`AllToAllDispatcher`): exchange row counts, send each token once to each
+  rank holding one of its experts, run the experts there and sum them per token, send one partial
+  row per (token, rank) back, add the partials on the origin rank. Each rank handles only its
+  experts' rows: the scheme that scales.
 
 Experts are split by :func:`expert_offsets` (balanced, contiguous). Layers get expert parallelism
 through ``moe_replay.MoE(cfg, ep_group=group, ep_mode=...)``; see :mod:`.expert_parallel` for the

@@ -139,13 +139,24 @@ class _ReduceScatterRows(torch.autograd.Function):
 
 class _AllToAllRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_NX, send_counts, recv_counts, group):  # type: ignore[override]
+    def forward(ctx, send_counts, recv_counts, group, *tensors):  # type: ignore[override]
         ctx.send_counts, ctx.recv_counts, ctx.group = send_counts, recv_counts, group
-        return _all_to_all_rows(x_NX, send_counts, recv_counts, group)
+        ctx.floating = [t.is_floating_point() for t in tensors]
+        received = tuple(_all_to_all_rows(t, send_counts, recv_counts, group) for t in tensors)
+        ctx.mark_non_differentiable(*(r for r in received if not r.is_floating_point()))
+        return received
 
     @staticmethod
-    def backward(ctx, grad_MX):  # type: ignore[override]
-        return _all_to_all_rows(grad_MX, ctx.recv_counts, ctx.send_counts, ctx.group), None, None, None
+    def backward(ctx, *grads):  # type: ignore[override]
+        # Every floating tensor's gradient travels back, whether or not this rank needs it (zeros
+        # for an unused output): every rank must run the same collectives.
+        returned = (
+            _all_to_all_rows(grad.contiguous(), ctx.recv_counts, ctx.send_counts, ctx.group)
+            if floating
+            else None
+            for grad, floating in zip(grads, ctx.floating)
+        )
+        return None, None, None, *returned
 
 
 def all_gather_rows(
@@ -173,15 +184,21 @@ def reduce_scatter_rows(x_SX: torch.Tensor, counts: Sequence[int], group: Proces
 
 
 def all_to_all_rows(
-    x_NX: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int], group: ProcessGroup
-) -> torch.Tensor:
-    """Send rows ``sum(send_counts[:r]):sum(send_counts[:r + 1])`` to rank r; receive
-    ``recv_counts[r]`` rows from rank r, concatenated in rank order (``[sum(recv_counts), *X]``).
+    tensors: Sequence[torch.Tensor],
+    send_counts: Sequence[int],
+    recv_counts: Sequence[int],
+    group: ProcessGroup,
+) -> tuple[torch.Tensor, ...]:
+    """For each ``[N, *X]`` tensor: send rows ``sum(send_counts[:r]):sum(send_counts[:r + 1])`` to
+    rank r; receive ``recv_counts[r]`` rows from rank r, concatenated in rank order
+    (``[sum(recv_counts), *X]``).
 
-    ``recv_counts[r]`` here must equal rank r's ``send_counts[this rank]``. Differentiable; the
-    backward sends the gradients back the same way, counts swapped.
+    ``recv_counts[r]`` here must equal rank r's ``send_counts[this rank]``. Differentiable with
+    respect to the floating-point tensors (integer ones come back non-differentiable): the backward
+    sends their gradients back the same way, counts swapped. The tensors go through one autograd
+    node, so every rank runs the backward's collectives in the same order.
     """
-    return _AllToAllRows.apply(x_NX, tuple(send_counts), tuple(recv_counts), group)
+    return _AllToAllRows.apply(tuple(send_counts), tuple(recv_counts), group, *tensors)
 
 
 def all_to_all_ints(

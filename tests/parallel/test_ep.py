@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import itertools
 import json
 import os
 import subprocess
@@ -289,6 +290,28 @@ def check_quantized(world: World, mode: str) -> None:
             q_fresh.load_state_dict(expected)
             with torch.no_grad():
                 assert_close(q_fresh(x_SH[rows]), q_ref(x_SH)[rows], **F32)
+
+
+@check()
+def check_alltoall_sends_each_token_once_per_rank(world: World) -> None:
+    """The alltoall dispatcher sends one row per (token, destination rank) pair, not one per
+    (token, expert): a token with several experts on one rank crosses to it once."""
+    cfg = CFG_UNEVEN  # K = 3 experts of 7: on 2 ranks every token has two experts on one rank
+    ref = reference(cfg)
+    ep = expert_parallel(world, cfg, "alltoall", ref)
+    offsets = ep.ep.partition.offsets
+    for counts in TOKEN_COUNTS[world.size]:
+        S, rows, T = sum(counts), world.rows(counts), counts[world.rank]
+        x_SH = torch.randn(S, H, generator=torch.Generator().manual_seed(5))
+        y, routing = ep(x_SH[rows], return_routing=True)
+        assert_close(y, ref(x_SH)[rows], **F32)
+        ids = routing.expert_ids.tolist()
+        expected = [
+            sum(any(lo <= e < hi for e in row) for row in ids) for lo, hi in itertools.pairwise(offsets)
+        ]
+        assert ep.ep.dispatcher.last_send_rows == tuple(expected)
+        if world.size == 2:
+            assert sum(expected) < T * cfg.top_k or T == 0
 
 
 @check()

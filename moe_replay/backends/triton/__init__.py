@@ -5,6 +5,11 @@ Runs on CUDA devices of compute capability 8.0 or newer, and on CPU tensors unde
 
 What is not a kernel, explicitly: quantized experts (``QuantMoE``) use the reference integer
 GEMMs of the ``torch`` backend; the routing/dispatch/combine stages around them are this backend's.
+
+``torch.compile``: every stage below is opaque to Dynamo (``torch.compiler.disable``): a compiled
+model runs them as they are, breaking its graph around each call, and compiles what lies between
+(Dynamo would otherwise try to trace into Triton's launcher). For launch-bound sizes capture the
+layer, or the model, in a CUDA graph instead (``torch.cuda.graph``): no stage syncs with the host.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class TritonBackend(Backend):
             return None
         return f"its kernels run on CUDA devices (on {device.type} only under TRITON_INTERPRET=1)"
 
+    @torch.compiler.disable
     def route(
         self,
         logits_TE: torch.Tensor,
@@ -44,9 +50,11 @@ class TritonBackend(Backend):
     ) -> Routing:
         return route.route(logits_TE, cfg, forced_TK, bias_E)
 
+    @torch.compiler.disable
     def dispatch(self, expert_ids_MR: torch.Tensor, num_experts: int) -> ExpertBuckets:
         return dispatch.dispatch(expert_ids_MR, num_experts)
 
+    @torch.compiler.disable
     def expert_mlp(
         self,
         x_MH: torch.Tensor,
@@ -56,6 +64,7 @@ class TritonBackend(Backend):
     ) -> torch.Tensor:
         return experts.expert_mlp(x_MH, buckets, w_gate_up_E2IH, w_down_EHI)
 
+    @torch.compiler.disable
     def expert_mlp_combine(
         self,
         x_MH: torch.Tensor,
@@ -67,14 +76,17 @@ class TritonBackend(Backend):
     ) -> torch.Tensor:
         return experts.expert_mlp_combine(x_MH, buckets, w_gate_up_E2IH, w_down_EHI, weights_MR, out_dtype)
 
+    @torch.compiler.disable
     def combine(
         self, y_NH: torch.Tensor, buckets: ExpertBuckets, weights_MR: torch.Tensor, out_dtype: torch.dtype
     ) -> torch.Tensor:
         return combine.combine(y_NH, buckets, weights_MR, out_dtype)
 
+    @torch.compiler.disable
     def permute_rows(self, x_MH: torch.Tensor, buckets: ExpertBuckets) -> torch.Tensor:
         return combine.permute_rows(x_MH, buckets)
 
+    @torch.compiler.disable
     def quant_expert_mlp(
         self, x_MH: torch.Tensor, buckets: ExpertBuckets, gate_up: QuantizedWeight, down: QuantizedWeight
     ) -> torch.Tensor:

@@ -26,8 +26,11 @@ every result, so a run cut short keeps what it measured):
    its own GPU), ``allgather`` and ``alltoall`` (the layer spread over all ranks). Passes:
    ``fwd`` (under ``torch.no_grad()``) and ``fwd+bwd`` (forward with autograd, then backward of
    a fixed output gradient; parameter gradients reset between iterations, outside the timing).
-   Each iteration starts after a barrier; time by CUDA events (perf_counter on the CPU);
-   --warmup iterations first, then the median of --iters.
+   Two timings, by CUDA events (perf_counter on the CPU), after --warmup iterations: "isolated",
+   the median of --iters iterations that each start after a barrier and a device sync (the host's
+   launch time is fully exposed), and "steady", --iters iterations back to back after one barrier
+   divided by --iters (as layers run in a training step: the host runs ahead of the GPU except
+   where a host sync, such as alltoall's count exchange, drains it). Efficiencies use steady.
    Reported per case: every rank's median (ms), their max (a step waits for the slowest rank),
    peak memory per rank, and the weak-scaling efficiency ``time_1gpu(T) / time_ep(T per rank)``
    with time_1gpu the median over ranks of their 1gpu medians and time_ep the max over ranks.
@@ -85,6 +88,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--iters", type=int, default=None, help="timed iterations per case (default 10; 3 small)")
     p.add_argument("--skip-equality", action="store_true", help="time only")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=None,
+        metavar="T",
+        help="only profile alltoall forward and forward+backward at T tokens per rank (torch.profiler, "
+        "rank 0 prints its table)",
+    )
     p.add_argument("--timeout-s", type=int, default=300, help="collective timeout: a hung rank fails")
     p.add_argument("--json", default=None, help="where rank 0 writes the results")
     args = p.parse_args(argv)
@@ -289,30 +300,42 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _elapsed_ms(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def time_iterations(
     fn: Callable[[], None], before: Callable[[], None], args: argparse.Namespace, device: torch.device
-) -> float:
-    """Median milliseconds of ``fn`` over ``args.iters`` runs after ``args.warmup``; every run
-    starts after ``before()``, a barrier and a device sync."""
+) -> tuple[float, float]:
+    """(isolated, steady) milliseconds per call of ``fn`` (module docstring): the median over
+    ``args.iters`` runs each after ``before()``, a barrier and a device sync; and ``args.iters``
+    runs back to back (``before()`` between them) after one barrier, divided by ``args.iters``."""
     times = []
     for i in range(args.warmup + args.iters):
         before()
         dist.barrier()
         sync(device)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            elapsed = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            elapsed = (time.perf_counter() - t0) * 1e3
+        elapsed = _elapsed_ms(fn, device)
         if i >= args.warmup:
             times.append(elapsed)
-    return statistics.median(times)
+
+    def back_to_back() -> None:
+        for _ in range(args.iters):
+            before()
+            fn()
+
+    dist.barrier()
+    sync(device)
+    return statistics.median(times), _elapsed_ms(back_to_back, device) / args.iters
 
 
 def time_layer(
@@ -348,9 +371,9 @@ def time_layer(
         for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            ms = time_iterations(fn, reset_grads, args, device)
+            isolated, steady = time_iterations(fn, reset_grads, args, device)
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            results[name] = {"ms": ms, "peak_gb": peak}
+            results[name] = {"ms": steady, "ms_isolated": isolated, "peak_gb": peak}
     reset_grads()
     return results
 
@@ -366,7 +389,7 @@ def run_timing(args: argparse.Namespace, device: torch.device, report: Report) -
     )
     say(
         f"{'T/rank':>7} {'case':<10} {'fwd ms':>9} {'fwd+bwd ms':>11} {'eff fwd':>8} {'eff f+b':>8}  "
-        "per-rank fwd+bwd ms"
+        f"{'isolated: fwd':>8} {'f+b':>8}  per-rank fwd+bwd ms (steady)"
     )
     cases = ["1gpu", *args.modes]
     for T in args.tokens:
@@ -403,10 +426,13 @@ def run_timing(args: argparse.Namespace, device: torch.device, report: Report) -
             }
             for name in ("fwd", "fwd+bwd"):
                 ms_ranks = [r[name]["ms"] for r in per_rank]
+                isolated_ranks = [r[name]["ms_isolated"] for r in per_rank]
                 entry = {
                     "ms_per_rank": ms_ranks,
                     "ms_max": max(ms_ranks),
                     "ms_median": statistics.median(ms_ranks),
+                    "ms_isolated_per_rank": isolated_ranks,
+                    "ms_isolated_max": max(isolated_ranks),
                     "peak_gb_per_rank": [r[name]["peak_gb"] for r in per_rank],
                 }
                 if case == "1gpu":
@@ -421,10 +447,49 @@ def run_timing(args: argparse.Namespace, device: torch.device, report: Report) -
             msb_col = fb["ms_max"] if case != "1gpu" else fb["ms_median"]
             say(
                 f"{T:>7} {case:<10} {ms_col:>9.3f} {msb_col:>11.3f} {f['efficiency']:>8.2f} "
-                f"{fb['efficiency']:>8.2f}  " + " ".join(f"{v:.2f}" for v in fb["ms_per_rank"])
+                f"{fb['efficiency']:>8.2f}  {f['ms_isolated_max']:>8.3f} {fb['ms_isolated_max']:>8.3f}  "
+                + " ".join(f"{v:.2f}" for v in fb["ms_per_rank"])
             )
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def run_profile(T: int, args: argparse.Namespace, device: torch.device) -> None:
+    """torch.profiler over two alltoall forwards and forward+backwards at T tokens per rank; rank 0
+    prints the ops by host time and by device time (the dispatcher's phases appear as
+    ``moe_replay.alltoall.*`` ranges)."""
+    cfg = mr.MoEConfig(**(SMALL if args.small else QWEN3), scoring="softmax", norm_topk_prob=True)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    layer = mr.MoE(
+        cfg, backend=args.backend, device=device, dtype=dtype, ep_group=dist.group.WORLD, ep_mode="alltoall"
+    )
+    gen = torch.Generator().manual_seed(1000 + dist.get_rank())
+    x = torch.randn(T, cfg.hidden_size, generator=gen).to(device, dtype).requires_grad_()
+    trace = mr.RoutingTrace(
+        {"0": uniform_ids(T, cfg, seed=dist.get_rank()).to(device)},
+        num_experts=cfg.num_experts,
+        top_k=cfg.top_k,
+    )
+    model = nn.Sequential(layer)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with mr.replay(model, trace):
+        for _ in range(args.warmup):
+            model(x).sum().backward()
+        dist.barrier()
+        sync(device)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(2):
+                with torch.no_grad():
+                    model(x)
+                model(x).sum().backward()
+            sync(device)
+    if dist.get_rank() == 0:
+        table = prof.key_averages()
+        say(table.table(sort_by="self_cpu_time_total", row_limit=40))
+        if device.type == "cuda":
+            say(table.table(sort_by="self_device_time_total", row_limit=25))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,6 +519,11 @@ def main(argv: list[str] | None = None) -> int:
         f"bench_ep: {meta['world_size']} ranks on {meta['device']} ({meta['dist_backend']}), "
         f"torch {meta['torch']}, moe_replay backend {meta['moe_replay_backend']}"
     )
+    if args.profile is not None:
+        run_profile(args.profile, args, device)
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
     try:
         if not args.skip_equality:
             run_equality(args, device, report)

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch.profiler import record_function
 
 from moe_replay.backends.base import ExpertBuckets
 from moe_replay.parallel.collectives import (
@@ -193,33 +194,36 @@ class AllToAllDispatcher:
         ids_TK = routing.expert_ids.to(device).long()
         weights_TK = routing.weights.to(device)
 
-        # Origin: where each token goes.
-        rank_TK = self._constant("rank_of_expert_E", device)[ids_TK]
-        experts_on_rank_TW = (rank_TK.unsqueeze(-1) == self._constant("ranks_W", device)).sum(dim=1)
-        sent_TW = experts_on_rank_TW > 0
-        rows_to_rank_W = sent_TW.sum(dim=0)
-        needs_grad = input_needs_grad(x_TH) or input_needs_grad(weights_TK)
-        counts = self._exchange_counts(rows_to_rank_W, experts_on_rank_TW.sum(dim=0), needs_grad)
-        self._last_send_rows = tuple(counts.send_rows)
-        x_TH = align_requires_grad(x_TH, counts.any_needs_grad)
+        # The phases are named in profiles (torch.profiler) by these ranges.
+        with record_function("moe_replay.alltoall.counts"):  # origin: where each token goes
+            rank_TK = self._constant("rank_of_expert_E", device)[ids_TK]
+            experts_on_rank_TW = (rank_TK.unsqueeze(-1) == self._constant("ranks_W", device)).sum(dim=1)
+            sent_TW = experts_on_rank_TW > 0
+            rows_to_rank_W = sent_TW.sum(dim=0)
+            needs_grad = input_needs_grad(x_TH) or input_needs_grad(weights_TK)
+            counts = self._exchange_counts(rows_to_rank_W, experts_on_rank_TW.sum(dim=0), needs_grad)
+            self._last_send_rows = tuple(counts.send_rows)
+            x_TH = align_requires_grad(x_TH, counts.any_needs_grad)
 
-        to_ranks, rank_S = _rank_buckets(sent_TW, rows_to_rank_W, sum(counts.send_rows))
-        token_S = to_ranks.row_of_slot_N.long()
-        here_SK = rank_TK[token_S] == rank_S.unsqueeze(1)  # the k-th expert is on the row's destination
-        local_ids_TK = ids_TK - self._constant("first_expert_W", device)[rank_TK]
-        local_ids_SK = torch.where(here_SK, local_ids_TK[token_S], -1).to(torch.int32)
-        weights_SK = torch.where(here_SK, backend.permute_rows(weights_TK.float(), to_ranks), 0.0)
-        x_SH = backend.permute_rows(x_TH, to_ranks)
-        x_MH, weights_MK, local_ids_MK = all_to_all_rows(
-            [x_SH, weights_SK, local_ids_SK], counts.send_rows, counts.recv_rows, self.group
-        )
+        with record_function("moe_replay.alltoall.send"):
+            to_ranks, rank_S = _rank_buckets(sent_TW, rows_to_rank_W, sum(counts.send_rows))
+            token_S = to_ranks.row_of_slot_N.long()
+            here_SK = rank_TK[token_S] == rank_S.unsqueeze(1)  # the k-th expert is on the row's destination
+            local_ids_TK = ids_TK - self._constant("first_expert_W", device)[rank_TK]
+            local_ids_SK = torch.where(here_SK, local_ids_TK[token_S], -1).to(torch.int32)
+            weights_SK = torch.where(here_SK, backend.permute_rows(weights_TK.float(), to_ranks), 0.0)
+            x_SH = backend.permute_rows(x_TH, to_ranks)
+            x_MH, weights_MK, local_ids_MK = all_to_all_rows(
+                [x_SH, weights_SK, local_ids_SK], counts.send_rows, counts.recv_rows, self.group
+            )
 
         # Receiver: one weighted partial sum per received row over this rank's experts, one stage
         # (experts.forward_combined -> expert_mlp_combine, fused where the backend has it).
-        buckets = _pair_buckets(local_ids_MK, counts.recv_pairs, part.num_local, backend)
-        y_MH = experts.forward_combined(x_MH, buckets, weights_MK, backend, x_TH.dtype)
-        (y_SH,) = all_to_all_rows([y_MH], counts.recv_rows, counts.send_rows, self.group)
+        with record_function("moe_replay.alltoall.experts"):
+            buckets = _pair_buckets(local_ids_MK, counts.recv_pairs, part.num_local, backend)
+            y_MH = experts.forward_combined(x_MH, buckets, weights_MK, backend, x_TH.dtype)
 
-        # Origin: each token's partials, added in float32 in rank order.
-        ones_TW = torch.ones(sent_TW.shape, dtype=torch.float32, device=device)
-        return backend.combine(y_SH, to_ranks, ones_TW, x_TH.dtype)
+        with record_function("moe_replay.alltoall.return"):  # origin: each token's partials, float32
+            (y_SH,) = all_to_all_rows([y_MH], counts.recv_rows, counts.send_rows, self.group)
+            ones_TW = torch.ones(sent_TW.shape, dtype=torch.float32, device=device)
+            return backend.combine(y_SH, to_ranks, ones_TW, x_TH.dtype)

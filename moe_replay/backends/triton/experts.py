@@ -33,6 +33,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -50,7 +51,7 @@ from moe_replay.backends.triton._common import (
     pow2,
 )
 from moe_replay.backends.triton.combine import gather_sum
-from moe_replay.backends.triton.swiglu import swiglu_bwd
+from moe_replay.backends.triton.swiglu import swiglu_bwd, swiglu_grad
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -184,20 +185,18 @@ def _grouped_linear_kernel(
             gu = gu_ptr + rows64[:, None] * (2 * N_OUT) + cols[None, :]
             g = tl.load(gu, mask=out_ok, other=0.0).to(tl.float32)
             u = tl.load(gu + N_OUT, mask=out_ok, other=0.0).to(tl.float32)
-            s = tl.sigmoid(g)
             if ROW_SCALE:
                 # acc is dy @ W_down for the unweighted gradient of the row's token: its dot with
                 # h is this tile's share of d(gate weight); then the row's gate weight scales it,
                 # and h * weight is stored for d down_proj = sum over rows of dy^T (weight h).
-                h = g * s * u
+                h = g * tl.sigmoid(g) * u
                 partial = tl.sum(acc * h, 1)
                 tl.store(dscale_ptr + rows64 * num_n + pid_n, partial, mask=row_ok)
                 row_w = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
                 acc = acc * row_w
                 hw = hw_ptr + rows64[:, None] * N_OUT + cols[None, :]
                 tl.store(hw, (h * row_w).to(hw_ptr.dtype.element_ty), mask=out_ok)
-            dg = acc * u * s * (1.0 + g * (1.0 - s))
-            du = acc * g * s
+            dg, du = swiglu_grad(acc, g, u)
             dgu = out_ptr + rows64[:, None] * (2 * N_OUT) + cols[None, :]
             tl.store(dgu, dg.to(out_ptr.dtype.element_ty), mask=out_ok)
             tl.store(dgu + N_OUT, du.to(out_ptr.dtype.element_ty), mask=out_ok)
@@ -527,72 +526,77 @@ def _grouped_mm_ok(
     return x_MH.is_cuda and x_MH.dtype == torch.bfloat16 and _capability(x_MH.device.index)[0] >= 9
 
 
-def _backward(
-    dy: torch.Tensor,
-    x_MH: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    buckets: ExpertBuckets,
-    gu_N2I: torch.Tensor,
-    h_NI: torch.Tensor | None,
-    weight_of_slot_N: torch.Tensor | None,
-    needs: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``(dx, d gate_up_proj, d down_proj, dweight_N)`` of the experts.
+@dataclass(frozen=True)
+class _Saved:
+    """What the experts' backward reads besides the gradient (saved by the forward).
 
-    ``dy`` is the gradient of the routed rows ``[N, H]`` (``weight_of_slot_N`` None, ``h_NI`` saved),
-    or, with each slot's gate weight ``weight_of_slot_N``, the gradient of the combined tokens
-    ``[M, H]``, read per routed row (then ``dweight_N``, each slot's gate-weight gradient, is
-    returned too). ``needs``: whether x, gate_up_proj, down_proj need gradients.
+    ``weight_of_slot_N`` (each slot's gate weight, float32) is given when the forward also
+    combined the rows (``_ExpertMLPCombine``): the gradient then arrives per token ``[M, H]``, is
+    read per routed row, and the gate weights get a gradient too. Without it the gradient arrives
+    per routed row ``[N, H]`` and ``h_NI`` was saved for ``d down_proj``.
     """
+
+    x_MH: torch.Tensor
+    w_gate_up: torch.Tensor
+    w_down: torch.Tensor
+    buckets: ExpertBuckets
+    gu_N2I: torch.Tensor
+    h_NI: torch.Tensor | None = None
+    weight_of_slot_N: torch.Tensor | None = None
+
+
+Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+def _backward(dy: torch.Tensor, saved: _Saved, needs: tuple[bool, bool, bool]) -> Grads:
+    """``(dx, d gate_up_proj, d down_proj, dweight_N)`` of the experts (``dweight_N``: each slot's
+    gate-weight gradient, None for unweighted rows); ``needs``: whether x, gate_up_proj and
+    down_proj need gradients. ``torch._grouped_mm`` or our kernels (``GROUPED_MM_BACKWARD``)."""
+    if _grouped_mm_ok(saved.x_MH, saved.w_gate_up, saved.w_down, saved.buckets):
+        return _grouped_mm_grads(dy, saved, needs)
+    return _kernel_grads(dy, saved, needs)
+
+
+def _kernel_grads(dy: torch.Tensor, saved: _Saved, needs: tuple[bool, bool, bool]) -> Grads:
+    """``_backward`` with our kernels: the SwiGLU backward in the epilogue of the dh GEMM."""
     needs_x, needs_gate_up, needs_down = needs
-    if _grouped_mm_ok(x_MH, w_gate_up, w_down, buckets):
-        return _grouped_mm_grads(dy, x_MH, w_gate_up, w_down, buckets, gu_N2I, h_NI, weight_of_slot_N, needs)
-    weighted = weight_of_slot_N is not None
+    x_MH, w_gate_up, w_down, buckets = saved.x_MH, saved.w_gate_up, saved.w_down, saved.buckets
+    weighted = saved.weight_of_slot_N is not None
     dgu_N2I, dweight_parts_NT, weighted_h_NI = grouped_linear(
         dy, buckets, w_down, _transposed(w_down), w_down.shape[2],
-        gu_N2I=gu_N2I, gather_a=weighted, row_scale_N=weight_of_slot_N,
+        gu_N2I=saved.gu_N2I, gather_a=weighted, row_scale_N=saved.weight_of_slot_N,
     )  # fmt: skip
     dx, dw_gate_up = _input_grads(needs_x, needs_gate_up, dgu_N2I, x_MH, w_gate_up, buckets)
     dw_down = None
     if needs_down:
-        dw_down = grouped_wgrad(
-            dy, weighted_h_NI if weighted else h_NI, buckets, weighted, False, w_down.dtype
-        )
+        h_NI = weighted_h_NI if weighted else saved.h_NI
+        dw_down = grouped_wgrad(dy, h_NI, buckets, weighted, False, w_down.dtype)
     dweight_N = dweight_parts_NT.sum(1) if weighted else None
     return dx, dw_gate_up, dw_down, dweight_N
 
 
-def _grouped_mm_grads(
-    dy: torch.Tensor,
-    x_MH: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    buckets: ExpertBuckets,
-    gu_N2I: torch.Tensor,
-    h_NI: torch.Tensor | None,
-    weight_of_slot_N: torch.Tensor | None,
-    needs: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+def _grouped_mm_grads(dy: torch.Tensor, saved: _Saved, needs: tuple[bool, bool, bool]) -> Grads:
     """``_backward`` with the four GEMMs as ``torch._grouped_mm`` on gathered rows, the SwiGLU
     backward as one elementwise pass (``swiglu.swiglu_bwd``)."""
     needs_x, needs_gate_up, needs_down = needs
+    buckets = saved.buckets
     offs = buckets.offsets_E1[1:]
-    row_of_slot = buckets.row_of_slot_N
-    weighted = weight_of_slot_N is not None
-    dy_NH = dy.index_select(0, row_of_slot) if weighted else dy
-    dh_NI = torch._grouped_mm(dy_NH, w_down, offs=offs)
-    dgu_N2I, dweight_N, weighted_h_NI = swiglu_bwd(dh_NI, gu_N2I, weight_of_slot_N)
+    weighted = saved.weight_of_slot_N is not None
+    dy_NH = dy.index_select(0, buckets.row_of_slot_N) if weighted else dy
+    dh_NI = torch._grouped_mm(dy_NH, saved.w_down, offs=offs)
+    dgu_N2I, dweight_N, weighted_h_NI = swiglu_bwd(dh_NI, saved.gu_N2I, saved.weight_of_slot_N)
     del dh_NI
     dx = dw_gate_up = dw_down = None
     if needs_down:
-        dw_down = torch._grouped_mm(dy_NH.t(), weighted_h_NI if weighted else h_NI, offs=offs)
+        h_NI = weighted_h_NI if weighted else saved.h_NI
+        dw_down = torch._grouped_mm(dy_NH.t(), h_NI, offs=offs)
     del dy_NH, weighted_h_NI
     if needs_x:
-        dx_NH = torch._grouped_mm(dgu_N2I, w_gate_up, offs=offs)
-        dx = gather_sum(dx_NH, buckets.slot_of_row_MR, None, x_MH.dtype)
+        dx_NH = torch._grouped_mm(dgu_N2I, saved.w_gate_up, offs=offs)
+        dx = gather_sum(dx_NH, buckets.slot_of_row_MR, None, saved.x_MH.dtype)
     if needs_gate_up:
-        dw_gate_up = torch._grouped_mm(dgu_N2I.t(), x_MH.index_select(0, row_of_slot), offs=offs)
+        x_NH = saved.x_MH.index_select(0, buckets.row_of_slot_N)
+        dw_gate_up = torch._grouped_mm(dgu_N2I.t(), x_NH, offs=offs)
     return dx, dw_gate_up, dw_down, dweight_N
 
 
@@ -614,9 +618,8 @@ class _ExpertMLP(torch.autograd.Function):
     def backward(ctx, dy_NH):  # type: ignore[override]
         x_MH, w_gate_up, w_down, row_of_slot, slot_of_row, offsets, h_NI, gu_N2I = ctx.saved_tensors
         buckets = ExpertBuckets(row_of_slot, slot_of_row, offsets)
-        dx, dw_gate_up, dw_down, _ = _backward(
-            dy_NH.contiguous(), x_MH, w_gate_up, w_down, buckets, gu_N2I, h_NI, None, ctx.needs_input_grad[:3]
-        )
+        saved = _Saved(x_MH, w_gate_up, w_down, buckets, gu_N2I, h_NI=h_NI)
+        dx, dw_gate_up, dw_down, _ = _backward(dy_NH.contiguous(), saved, ctx.needs_input_grad[:3])
         return dx, dw_gate_up, dw_down, None, None, None
 
 
@@ -667,9 +670,8 @@ class _ExpertMLPCombine(torch.autograd.Function):
         dout_MH = dout_MH.to(x_MH.dtype).contiguous()
         weight_of_slot_N = _weight_of_slot(weights, slot_of_row, buckets.num_slots)
         needs = ctx.needs_input_grad
-        dx, dw_gate_up, dw_down, dweight_N = _backward(
-            dout_MH, x_MH, w_gate_up, w_down, buckets, gu_N2I, None, weight_of_slot_N, needs[:3]
-        )
+        saved = _Saved(x_MH, w_gate_up, w_down, buckets, gu_N2I, weight_of_slot_N=weight_of_slot_N)
+        dx, dw_gate_up, dw_down, dweight_N = _backward(dout_MH, saved, needs[:3])
         dweights = _row_values(dweight_N, slot_of_row).to(ctx.weights_dtype) if needs[3] else None
         return dx, dw_gate_up, dw_down, dweights, None, None, None, None
 

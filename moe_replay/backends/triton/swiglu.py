@@ -26,6 +26,13 @@ ROWS = 4  # rows per program
 BLOCK_I = 1024  # columns per step of a program's loop over I
 
 
+@triton.jit
+def swiglu_grad(dh, g, u):
+    """``(d gate, d up)`` of ``h = silu(g) * u`` for the gradient ``dh`` (float32 tiles)."""
+    s = tl.sigmoid(g)
+    return dh * u * s * (1.0 + g * (1.0 - s)), dh * g * s
+
+
 # fmt: off
 @triton.jit
 def _swiglu_bwd_kernel(
@@ -45,15 +52,15 @@ def _swiglu_bwd_kernel(
         gu = gu_ptr + rows64[:, None] * (2 * I) + cols[None, :]
         g = tl.load(gu, mask=ok, other=0.0).to(tl.float32)
         u = tl.load(gu + I, mask=ok, other=0.0).to(tl.float32)
-        s = tl.sigmoid(g)
         if WEIGHTED:
-            h = g * s * u
+            h = g * tl.sigmoid(g) * u
             dot += tl.sum(dh * h, 1)
             tl.store(hw_ptr + rows64[:, None] * I + cols[None, :], (h * w).to(hw_ptr.dtype.element_ty), mask=ok)
             dh = dh * w
+        dg, du = swiglu_grad(dh, g, u)
         dgu = dgu_ptr + rows64[:, None] * (2 * I) + cols[None, :]
-        tl.store(dgu, (dh * u * s * (1.0 + g * (1.0 - s))).to(dgu_ptr.dtype.element_ty), mask=ok)
-        tl.store(dgu + I, (dh * g * s).to(dgu_ptr.dtype.element_ty), mask=ok)
+        tl.store(dgu, dg.to(dgu_ptr.dtype.element_ty), mask=ok)
+        tl.store(dgu + I, du.to(dgu_ptr.dtype.element_ty), mask=ok)
     if WEIGHTED:
         tl.store(dweight_ptr + rows, dot, mask=row_ok)
 # fmt: on

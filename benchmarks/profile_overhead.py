@@ -100,8 +100,18 @@ def main() -> int:
     parser.add_argument("--tokens", default="1,512")
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--limit", type=int, default=30, help="functions listed per profile")
+    parser.add_argument(
+        "--dispatch-small-n",
+        type=int,
+        default=None,
+        help="slots up to which dispatch is one launch (tuning; default: the library's SMALL_N)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.dispatch_small_n is not None:
+        from moe_replay.backends.triton import dispatch
+
+        dispatch.SMALL_N = args.dispatch_small_n
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     out["runs"] = [profile(int(t), args.shape, args.calls, args.limit) for t in args.tokens.split(",")]
     if args.json:

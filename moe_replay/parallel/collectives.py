@@ -202,10 +202,15 @@ def all_to_all_rows(
 
 
 def all_to_all_ints(
-    x_N: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int], group: ProcessGroup
+    message_WX: torch.Tensor, group: ProcessGroup, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """:func:`all_to_all_rows` for metadata (counts, flags): not differentiable."""
-    return _all_to_all_rows(x_N, send_counts, recv_counts, group)
+    """Metadata (counts, flags) from every rank: row r of ``message_WX`` goes to rank r, row r of
+    the result came from rank r. Not differentiable. ``out`` (``[W, *X]``, contiguous, may be a
+    view of a larger buffer) receives the rows instead of a new tensor."""
+    if out is None:
+        out = torch.empty_like(message_WX)
+    dist.all_to_all_single(out, message_WX.contiguous(), group=group)
+    return out
 
 
 def input_needs_grad(x: torch.Tensor) -> bool:

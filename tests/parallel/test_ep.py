@@ -315,6 +315,30 @@ def check_alltoall_sends_each_token_once_per_rank(world: World) -> None:
 
 
 @check()
+def check_alltoall_collectives_per_call(world: World) -> None:
+    """The alltoall dispatcher runs 4 all-to-alls forward (counts; x and meta; the partial sums
+    back) and 3 backward (the partials' gradient; x's and meta's), as its module docstring says:
+    on a GPU each is a host-side launch that every layer call pays."""
+    cfg = CFG_UNEVEN
+    ep = expert_parallel(world, cfg, "alltoall", reference(cfg))
+    T = TOKEN_COUNTS[world.size][1][world.rank]
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(T, H, generator=gen).requires_grad_()
+    dy = torch.randn(T, H, generator=gen)
+
+    def all_to_alls(fn: Callable[[], object]) -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        return sum(event.name == "c10d::alltoall_base_" for event in prof.events())
+
+    with torch.no_grad():
+        assert all_to_alls(lambda: ep(x)) == 4
+    outputs: list[torch.Tensor] = []
+    assert all_to_alls(lambda: outputs.append(ep(x))) == 4
+    assert all_to_alls(lambda: outputs[0].backward(dy)) == 3
+
+
+@check()
 def check_bf16(world: World) -> None:
     """bf16 experts, both modes: equal to the bf16 single-process layer within bf16 rounding."""
     tol = {"rtol": 2e-2, "atol": 2e-2}

@@ -20,8 +20,9 @@ compute capability 9.0+), ``torch._grouped_mm`` for its four GEMMs on gathered r
 SwiGLU backward as one elementwise pass (``swiglu.py``); both give the same gradients.
 
 ``expert_mlp_combine`` (the local layer's path) puts the combine inside the autograd Function, so
-its backward reads the token gradients directly and never materialises ``dy_NH`` (see
-``_ExpertMLPCombine``). ``expert_mlp`` returns the routed rows (expert parallelism needs them).
+its backward reads the token gradients directly (see ``_ExpertMLPCombine``; the ``_grouped_mm``
+path gathers them into ``dy_NH`` for its GEMMs). ``expert_mlp`` returns the routed rows (expert
+parallelism needs them).
 
 Row tiles never straddle two experts (see ``expert_of_tile``). Accumulation is float32; ``h``,
 ``gu`` and the outputs are stored in the activations' dtype.
@@ -624,12 +625,13 @@ class _ExpertMLP(torch.autograd.Function):
 
 
 class _ExpertMLPCombine(torch.autograd.Function):
-    """``combine(expert_mlp(x))`` whose backward never materialises the routed rows' gradient.
+    """``combine(expert_mlp(x))``, whose backward starts from the token gradients.
 
-    Backward: ``d(gate, up)`` comes from one GEMM over the output gradient gathered per routed row;
-    its epilogue also yields each row's gate-weight gradient ``<dy_token, y_row>`` computed as
-    ``<dy_token @ W_down, h_row>`` (so ``y_NH`` is not kept) and ``weight * h_row``, which with the
-    same gathered gradient rows gives ``d down_proj``. Saved: x, the pre-activations, the metadata.
+    Backward: ``d(gate, up)`` comes from one GEMM over the output gradient read per routed row
+    (gathered in the kernel's loads, or into ``dy_NH`` for ``_grouped_mm``); with it come each
+    row's gate-weight gradient ``<dy_token, y_row>``, computed as ``<dy_token @ W_down, h_row>`` (so
+    ``y_NH`` is not kept), and ``weight * h_row``, which with the same gradient rows gives
+    ``d down_proj``. Saved: x, the pre-activations, the metadata.
     """
 
     @staticmethod

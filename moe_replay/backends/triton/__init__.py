@@ -10,6 +10,8 @@ GEMMs of the ``torch`` backend; the routing/dispatch/combine stages around them 
 model runs them as they are, breaking its graph around each call, and compiles what lies between
 (Dynamo would otherwise try to trace into Triton's launcher). For launch-bound sizes capture the
 layer, or the model, in a CUDA graph instead (``torch.cuda.graph``): no stage syncs with the host.
+The layer does not either when it routes itself or replays (``mr.replay``, from its second
+forward); ``forced_expert_ids`` passed to the layer are validated, which reads them on the host.
 """
 
 from __future__ import annotations

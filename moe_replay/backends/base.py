@@ -71,6 +71,13 @@ class ExpertBuckets:
         """``[E]`` int32: rows routed to each expert."""
         return self.offsets_E1[1:] - self.offsets_E1[:-1]
 
+    def per_read(self, values_N: torch.Tensor) -> torch.Tensor:
+        """``values_N[slot_of_row_MR[m, r]]`` for every (row, read), ``[M, R, *]``; zero where the
+        slot is ``-1`` (index -1 reads a zero appended to ``values_N``). Differentiable in
+        ``values_N``."""
+        padded = torch.cat([values_N, values_N.new_zeros(1, *values_N.shape[1:])])
+        return padded[self.slot_of_row_MR.long()]
+
 
 class Backend(ABC):
     """One implementation of every pipeline stage. Register instances with ``registry.register``."""

@@ -13,13 +13,10 @@ from moe_replay.backends.base import ExpertBuckets
 def combine(
     y_NH: torch.Tensor, buckets: ExpertBuckets, weights_MR: torch.Tensor, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    slot_MR = buckets.slot_of_row_MR.long()
-    has_slot_MR = slot_MR >= 0
-    # A -1 slot (no routed row) reads an appended zero row with a zero weight: it adds nothing,
-    # also for a non-finite weight, and its weight's gradient is zero.
-    y_padded = torch.cat([y_NH, y_NH.new_zeros(1, y_NH.shape[1])])
-    y_MRH = y_padded[slot_MR].float()
-    weights_MR = torch.where(has_slot_MR, weights_MR.float(), 0.0)
+    # A -1 slot (no routed row) reads a zero row with a zero weight: it adds nothing, also for a
+    # non-finite weight, and its weight's gradient is zero.
+    y_MRH = buckets.per_read(y_NH).float()
+    weights_MR = torch.where(buckets.slot_of_row_MR >= 0, weights_MR.float(), 0.0)
     return (weights_MR.unsqueeze(-1) * y_MRH).sum(dim=1).to(out_dtype)
 
 

@@ -505,13 +505,6 @@ def _weight_of_slot(weights_MR: torch.Tensor, slot_of_row_MR: torch.Tensor, num_
     return out[:num_slots]
 
 
-def _row_values(per_slot_N: torch.Tensor, slot_of_row_MR: torch.Tensor) -> torch.Tensor:
-    """``[M, R]``: each (row, r)'s slot value, 0 where there is no slot (``-1``)."""
-    slots = slot_of_row_MR.long()
-    padded = torch.cat([per_slot_N, per_slot_N.new_zeros(1)])  # index -1 reads the appended zero
-    return padded[slots]
-
-
 def _grouped_mm_ok(
     x_MH: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, buckets: ExpertBuckets
 ) -> bool:
@@ -674,7 +667,7 @@ class _ExpertMLPCombine(torch.autograd.Function):
         needs = ctx.needs_input_grad
         saved = _Saved(x_MH, w_gate_up, w_down, buckets, gu_N2I, weight_of_slot_N=weight_of_slot_N)
         dx, dw_gate_up, dw_down, dweight_N = _backward(dout_MH, saved, needs[:3])
-        dweights = _row_values(dweight_N, slot_of_row).to(ctx.weights_dtype) if needs[3] else None
+        dweights = buckets.per_read(dweight_N).to(ctx.weights_dtype) if needs[3] else None
         return dx, dw_gate_up, dw_down, dweights, None, None, None, None
 
 

@@ -338,19 +338,34 @@ def time_iterations(
     return statistics.median(times), _elapsed_ms(back_to_back, device) / args.iters
 
 
+def timing_config(args: argparse.Namespace, device: torch.device) -> tuple[dict, mr.MoEConfig, torch.dtype]:
+    """(shape, config, dtype) of the timed layer: float32 on the CPU, bf16 on GPUs."""
+    shape = SMALL if args.small else QWEN3
+    cfg = mr.MoEConfig(**shape, scoring="softmax", norm_topk_prob=True)
+    return shape, cfg, torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def rank_inputs(
+    T: int, cfg: mr.MoEConfig, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, mr.RoutingTrace]:
+    """This rank's T tokens, an output gradient for them, and their routing (seeded by the rank),
+    as a trace for ``mr.replay`` of ``nn.Sequential(layer)``."""
+    rank = dist.get_rank()
+    gen = torch.Generator().manual_seed(1000 + rank)
+    x = torch.randn(T, cfg.hidden_size, generator=gen).to(device, dtype)
+    grad = torch.randn(T, cfg.hidden_size, generator=gen).to(device, dtype)
+    trace = mr.RoutingTrace(
+        {"0": uniform_ids(T, cfg, seed=rank).to(device)}, num_experts=cfg.num_experts, top_k=cfg.top_k
+    )
+    return x, grad, trace
+
+
 def time_layer(
     layer: mr.MoE, T: int, cfg: mr.MoEConfig, args: argparse.Namespace, device: torch.device
 ) -> dict[str, dict[str, float | None]]:
     """{pass: {"ms": median, "peak_gb": peak memory}} for this rank's T tokens, routing replayed."""
-    rank = dist.get_rank()
-    gen = torch.Generator().manual_seed(1000 + rank)
-    dtype = layer.experts.gate_up_proj.dtype
-    x = torch.randn(T, cfg.hidden_size, generator=gen).to(device, dtype)
-    grad = torch.randn(T, cfg.hidden_size, generator=gen).to(device, dtype)
+    x, grad, trace = rank_inputs(T, cfg, layer.experts.gate_up_proj.dtype, device)
     model = nn.Sequential(layer)
-    trace = mr.RoutingTrace(
-        {"0": uniform_ids(T, cfg, seed=rank).to(device)}, num_experts=cfg.num_experts, top_k=cfg.top_k
-    )
     params = list(layer.parameters())
 
     x_train = x.clone().requires_grad_()
@@ -380,9 +395,7 @@ def time_layer(
 
 def run_timing(args: argparse.Namespace, device: torch.device, report: Report) -> None:
     world = dist.get_world_size()
-    shape = SMALL if args.small else QWEN3
-    cfg = mr.MoEConfig(**shape, scoring="softmax", norm_topk_prob=True)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    shape, cfg, dtype = timing_config(args, device)
     say(
         f"\ntiming: {shape}, {str(dtype).removeprefix('torch.')}, {world} ranks, backend "
         f"{get_backend(args.backend, device).name}, median of {args.iters} after {args.warmup} warm-up"
@@ -458,18 +471,12 @@ def run_profile(T: int, args: argparse.Namespace, device: torch.device) -> None:
     """torch.profiler over two alltoall forwards and forward+backwards at T tokens per rank; rank 0
     prints the ops by host time and by device time (the dispatcher's phases appear as
     ``moe_replay.alltoall.*`` ranges)."""
-    cfg = mr.MoEConfig(**(SMALL if args.small else QWEN3), scoring="softmax", norm_topk_prob=True)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    _, cfg, dtype = timing_config(args, device)
     layer = mr.MoE(
         cfg, backend=args.backend, device=device, dtype=dtype, ep_group=dist.group.WORLD, ep_mode="alltoall"
     )
-    gen = torch.Generator().manual_seed(1000 + dist.get_rank())
-    x = torch.randn(T, cfg.hidden_size, generator=gen).to(device, dtype).requires_grad_()
-    trace = mr.RoutingTrace(
-        {"0": uniform_ids(T, cfg, seed=dist.get_rank()).to(device)},
-        num_experts=cfg.num_experts,
-        top_k=cfg.top_k,
-    )
+    x, _, trace = rank_inputs(T, cfg, dtype, device)
+    x.requires_grad_()
     model = nn.Sequential(layer)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":

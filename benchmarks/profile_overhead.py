@@ -22,19 +22,7 @@ import torch
 import triton.testing
 
 import moe_replay as mr
-from moe_replay.bench import SHAPES
-
-
-def graph_ms(fn) -> float:  # type: ignore[no-untyped-def]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
+from moe_replay.bench import SHAPES, graph_ms
 
 
 def eager_ms(fn, calls: int) -> float:  # type: ignore[no-untyped-def]

@@ -21,7 +21,7 @@ import triton.testing
 
 import moe_replay as mr
 from moe_replay.backends.triton import combine, dispatch, experts, route
-from moe_replay.bench import SHAPES
+from moe_replay.bench import SHAPES, graph_ms
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, TMA): the best pointer-load shapes of the
 # first sweep (RESULTS.md), each also with TMA descriptors for the weights / unpermuted rows.
@@ -88,17 +88,7 @@ def bench(fn) -> float:  # type: ignore[no-untyped-def]
 
 def graph_bench(fns: list) -> float:  # type: ignore[type-arg]
     """Median ms per call of the ``fns`` (run in turn), captured in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median") / len(fns)
+    return graph_ms(lambda: [fn() for fn in fns]) / len(fns)
 
 
 def safe(name: str, fn, out: dict) -> None:  # type: ignore[no-untyped-def]

@@ -190,23 +190,30 @@ def build_impl(impl: str, cfg: mr.MoEConfig, moe: mr.MoE, id_sets: list[torch.Te
 # Timing
 
 
+def graph_ms(fn: Callable[[], object]) -> float:
+    """Median ms of ``fn`` captured in one CUDA graph (warmed up on a side stream first, as
+    capture requires), timed by replaying the graph."""
+    import triton.testing
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+
+
 def _time(fn: Callable[[], object], use_graph: bool, calls: int) -> tuple[float, str]:
     """Median ms of one call of ``fn`` (``fn`` itself runs ``calls`` layer forwards)."""
     import triton.testing
 
     if use_graph:
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(3):
-                    fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
-            return ms / calls, "cuda-graph"
+            return graph_ms(fn) / calls, "cuda-graph"
         except Exception as error:  # a baseline with host syncs cannot be captured: time it eagerly
             torch.cuda.synchronize()
             note = f"eager (graph capture failed: {type(error).__name__})"

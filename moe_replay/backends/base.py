@@ -79,6 +79,40 @@ class ExpertBuckets:
         return padded[self.slot_of_row_MR.long()]
 
 
+@dataclass(frozen=True)
+class SendPlan:
+    """Where an expert-parallel rank's tokens go (``send_plan``), chunk by chunk.
+
+    Shape legend: T tokens, W ranks, C chunks, T_c = ceil(T / C) tokens per chunk, L = T_c * reach
+    + 1 places per chunk (``reach`` = min(W, K): a token goes to a rank at most once, to at most K
+    ranks; the last place is a spare).
+
+    Chunk c holds tokens ``c * T_c:(c + 1) * T_c`` (the last one fewer, or none). Within a chunk
+    the send list is ordered by (rank, token): ``slot_of_row_TW[t, r]`` is token t's place in its
+    chunk's list for rank r, ``-1`` if t sends no row to r (no expert of t there);
+    ``token_of_slot_CL[c]`` holds the chunk-local token at each place: the first S_c entries are
+    the list, the rest up to ``T_c_actual * reach`` read the chunk's first token (in bounds, never
+    sent). ``offsets_CW1[c]``: where each rank's rows start in the chunk's list.
+    """
+
+    chunk_tokens: int
+    slot_of_row_TW: torch.Tensor
+    token_of_slot_CL: torch.Tensor
+    offsets_CW1: torch.Tensor
+
+    def chunk(self, c: int, capacity: int) -> tuple[slice, ExpertBuckets]:
+        """Chunk c's token rows, and its send list as buckets over the ranks (``capacity``
+        places: S_c for the list itself, more for a buffer filled before S_c is known)."""
+        T = self.slot_of_row_TW.shape[0]
+        rows = slice(min(c * self.chunk_tokens, T), min((c + 1) * self.chunk_tokens, T))
+        buckets = ExpertBuckets(
+            row_of_slot_N=self.token_of_slot_CL[c, :capacity],
+            slot_of_row_MR=self.slot_of_row_TW[rows],
+            offsets_E1=self.offsets_CW1[c],
+        )
+        return rows, buckets
+
+
 class Backend(ABC):
     """One implementation of every pipeline stage. Register instances with ``registry.register``."""
 
@@ -150,6 +184,48 @@ class Backend(ABC):
     def permute_rows(self, x_MH: torch.Tensor, buckets: ExpertBuckets) -> torch.Tensor:
         """``x_NH[n] = x_MH[row_of_slot[n]]``, differentiable: the backward sums each row's reads
         that have a slot (``-1`` entries of ``slot_of_row`` are skipped), in float32, deterministically."""
+
+    def send_plan(
+        self,
+        expert_ids_TK: torch.Tensor,
+        rank_offsets_W1: torch.Tensor,
+        chunks: int,
+        counts_WC3: torch.Tensor,
+    ) -> SendPlan:
+        """Expert parallelism's sender metadata (``moe_replay.parallel.alltoall``), on the device,
+        without host syncs: the :class:`SendPlan` of tokens routed to ``expert_ids_TK`` (global
+        ids; rank r holds experts ``rank_offsets_W1[r]:rank_offsets_W1[r + 1]``, int32), and in
+        ``counts_WC3[r, c, 0]`` / ``[r, c, 1]`` (int32, column 2 untouched) the rows chunk c sends
+        to rank r and their (token, expert) pairs. The plain torch ops here are the reference."""
+        from moe_replay.backends.torch.send_plan import send_plan
+
+        return send_plan(expert_ids_TK, rank_offsets_W1, chunks, counts_WC3)
+
+    def received_buckets(
+        self, meta_MM: torch.Tensor, local_of_expert_E: torch.Tensor, num_local: int, num_pairs: int
+    ) -> ExpertBuckets:
+        """Expert parallelism's receiver metadata (``moe_replay.parallel.alltoall``): buckets of
+        received token rows over this rank's ``num_local`` experts, from their ``meta_MM``
+        (``[gate weights_K | global expert ids_K]``, float32).
+
+        Each row is read R = 2K times, once per column of ``meta_MM``, so that ``meta_MM`` itself
+        is the combine's weights: read k < K is pair (row, k), slot -1 where its expert is on
+        another rank (``local_of_expert_E[id] == num_local``); read K + k (an id) has slot -1
+        always, adding nothing and getting a zero gradient. The ``num_pairs`` pairs on this rank
+        are the slots, in ascending (row, k) order within each expert (the ``ExpertBuckets``
+        contract). The plain torch ops here are the reference: a dispatch over the local experts
+        and a sink bucket (other ranks' experts), which the stable sort puts last and which is
+        cut off.
+        """
+        K = meta_MM.shape[1] // 2
+        local_ids_MK = local_of_expert_E[meta_MM[:, K:].long()]  # ids are exact float32 values
+        pairs = self.dispatch(local_ids_MK, num_local + 1)
+        slot_of_row_MK = torch.where(local_ids_MK < num_local, pairs.slot_of_row_MR, -1)
+        return ExpertBuckets(
+            row_of_slot_N=pairs.row_of_slot_N[:num_pairs],
+            slot_of_row_MR=torch.cat([slot_of_row_MK, torch.full_like(slot_of_row_MK, -1)], dim=1),
+            offsets_E1=pairs.offsets_E1[: num_local + 1],
+        )
 
     def quant_expert_mlp(
         self, x_MH: torch.Tensor, buckets: ExpertBuckets, gate_up: QuantizedWeight, down: QuantizedWeight

@@ -201,6 +201,134 @@ def all_to_all_rows(
     return _AllToAllRows.apply(tuple(send_counts), tuple(recv_counts), group, *tensors)
 
 
+class RowsInFlight:
+    """An all-to-all of rows that :func:`start_all_to_all_rows` started and :meth:`finish` ends.
+
+    Between the two, the device is free for other work: on NCCL the transfer runs on the
+    process group's stream while the caller's stream runs what it queues in between (expert
+    GEMMs of another chunk, say); on gloo :meth:`finish` waits on the host. Differentiable: the
+    backward runs the same pattern in reverse, the gradients' all-to-all starting in the backward
+    of :meth:`finish` and finishing in that of the start, so work that autograd schedules between
+    them (the backward of what was queued between start and finish) overlaps it too.
+
+    The received tensors may be used only through :meth:`finish` (their values are in flight
+    until then, and in the backward the gradient that reaches the start is a placeholder: the
+    real one arrives through this object).
+    """
+
+    def __init__(self, send_counts: Sequence[int], recv_counts: Sequence[int], group: ProcessGroup) -> None:
+        self.send_counts = tuple(send_counts)
+        self.recv_counts = tuple(recv_counts)
+        self.group = group
+        self.works: list = []
+        self.received: tuple[torch.Tensor, ...] = ()
+        self.sent_rows: tuple[int, ...] = ()  # each input's rows (sent or not): its gradient's shape
+        self.grad_works: list = []
+        self.grads: tuple[torch.Tensor | None, ...] = ()
+
+    def finish(self) -> tuple[torch.Tensor, ...]:
+        """The received rows (``[sum(recv_counts), *X]`` per tensor), once they have arrived."""
+        received, self.received = self.received, ()
+        return _FinishAllToAll.apply(self, *received)
+
+
+def _start_rows(
+    tensors: Sequence[torch.Tensor],
+    send_counts: Sequence[int],
+    recv_counts: Sequence[int],
+    group: ProcessGroup,
+) -> tuple[list[torch.Tensor], list]:
+    """Launch one asynchronous all-to-all per tensor, sending its first ``sum(send_counts)`` rows."""
+    sent = sum(send_counts)
+    outs, works = [], []
+    for t in tensors:
+        if t.shape[0] < sent:
+            raise ValueError(f"all-to-all of {sent} rows from a tensor of {t.shape[0]} rows")
+        out = t.new_empty((sum(recv_counts), *t.shape[1:]))
+        works.append(
+            dist.all_to_all_single(
+                out, t[:sent].contiguous(), list(recv_counts), list(send_counts), group=group, async_op=True
+            )
+        )
+        outs.append(out)
+    return outs, works
+
+
+class _StartAllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, flight, *tensors):  # type: ignore[override]
+        ctx.flight = flight
+        outs, flight.works = _start_rows(tensors, flight.send_counts, flight.recv_counts, flight.group)
+        flight.sent_rows = tuple(t.shape[0] for t in tensors)
+        ctx.mark_non_differentiable(*(o for o in outs if not o.is_floating_point()))
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *placeholders):  # type: ignore[override]
+        # The gradients travel in the all-to-all that _FinishAllToAll.backward started.
+        flight = ctx.flight
+        for work in flight.grad_works:
+            work.wait()
+        grads, flight.grads, flight.grad_works = flight.grads, (), []
+        return None, *grads
+
+
+class _FinishAllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, flight, *received):  # type: ignore[override]
+        for work in flight.works:
+            work.wait()
+        flight.works = []
+        ctx.flight = flight
+        ctx.floating = [r.is_floating_point() for r in received]
+        outs = tuple(r.view_as(r) for r in received)
+        ctx.mark_non_differentiable(*(o for o, f in zip(outs, ctx.floating) if not f))
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        # Every floating tensor's gradient travels back, whether or not this rank needs it (zeros
+        # for an unused output): every rank must run the same collectives. The result lands in
+        # buffers shaped like the start's inputs; rows that were not sent get zeros.
+        flight = ctx.flight
+        sent = sum(flight.send_counts)
+        placeholders, results, works = [], [], []
+        for grad, floating, rows in zip(grads, ctx.floating, flight.sent_rows):
+            if not floating:
+                placeholders.append(None)
+                results.append(None)
+                continue
+            grad = grad.contiguous()  # materialized: zeros where no gradient came
+            result = grad.new_empty((rows, *grad.shape[1:]))
+            if rows > sent:
+                result[sent:].zero_()
+            works.append(
+                dist.all_to_all_single(
+                    result[:sent], grad, list(flight.send_counts), list(flight.recv_counts),
+                    group=flight.group, async_op=True,
+                )
+            )  # fmt: skip
+            placeholders.append(grad)  # kept alive (the all-to-all reads it) and shaped right
+            results.append(result)
+        flight.grad_works, flight.grads = works, tuple(results)
+        return None, *placeholders
+
+
+def start_all_to_all_rows(
+    tensors: Sequence[torch.Tensor],
+    send_counts: Sequence[int],
+    recv_counts: Sequence[int],
+    group: ProcessGroup,
+) -> RowsInFlight:
+    """:func:`all_to_all_rows`, started: returns at once; :meth:`RowsInFlight.finish` gives the
+    received rows. Each tensor may hold more rows than ``sum(send_counts)``: the rest are not sent
+    (and get a zero gradient), so a buffer sized by an upper bound can be filled before the counts
+    are known."""
+    flight = RowsInFlight(send_counts, recv_counts, group)
+    flight.received = _StartAllToAll.apply(flight, *tensors)
+    return flight
+
+
 def all_to_all_ints(
     message_WX: torch.Tensor, group: ProcessGroup, out: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -11,56 +11,95 @@ import pytest
 import torch
 
 from moe_replay.backends.registry import available_backends, get_backend
-from moe_replay.parallel.alltoall import _pair_buckets, _send_order
+from moe_replay.parallel.partition import expert_offsets
 
 
-def _send_order_reference(sent_WT: torch.Tensor) -> tuple[list[list[int]], list[int], list[int]]:
-    """(slot_of_row_TW, tokens of the send list, offsets_W1) by enumeration in (rank, token) order."""
+def _send_plan_reference(sent_WT: torch.Tensor, chunks: int) -> list[tuple[range, list, list, list]]:
+    """Per chunk: (its tokens, their slots [token][rank], the send list's chunk-local tokens,
+    offsets_W1), by enumeration in (rank, token) order within each chunk."""
     W, T = sent_WT.shape
-    slot = [[-1] * W for _ in range(T)]
-    tokens, offsets = [], [0]
-    for r in range(W):
-        for t in range(T):
-            if sent_WT[r, t]:
-                slot[t][r] = len(tokens)
-                tokens.append(t)
-        offsets.append(len(tokens))
-    return slot, tokens, offsets
+    Tc = -(-T // chunks)
+    plans = []
+    for c in range(chunks):
+        tokens = range(min(c * Tc, T), min((c + 1) * Tc, T))
+        slot = [[-1] * W for _ in tokens]
+        listed, offsets = [], [0]
+        for r in range(W):
+            for i, t in enumerate(tokens):
+                if sent_WT[r, t]:
+                    slot[i][r] = len(listed)
+                    listed.append(i)
+            offsets.append(len(listed))
+        plans.append((tokens, slot, listed, offsets))
+    return plans
 
 
+def _routed(T: int, K: int, E: int, density: float, gen: torch.Generator) -> torch.Tensor:
+    """``[T, K]`` distinct ids of E experts; with ``density`` < 1 the ids crowd onto fewer ranks
+    (a token's experts drawn from the first ``ceil(density * E)``), so some (token, rank) pairs
+    send nothing; density 0: every token's experts on rank 0."""
+    span = max(K, min(E, round(density * E)))
+    if T == 0:
+        return torch.empty(0, K, dtype=torch.int32)
+    return torch.stack([torch.randperm(span, generator=gen)[:K] for _ in range(T)]).int()
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
 @pytest.mark.parametrize(
-    ("W", "T", "density"),
+    ("W", "T", "K", "E", "density", "chunks"),
     [
-        (2, 9, 0.5),  # random mask
-        (3, 17, 0.3),  # odd sizes, sparse
-        (4, 5, 1.0),  # every token to every rank: the list fills the capacity but the spare
-        (4, 6, 0.0),  # nothing sent: every slot -1, every offset 0
-        (3, 0, 0.5),  # T = 0: a rank without tokens
-        (1, 7, 1.0),  # a world of one
+        (2, 9, 2, 6, 0.5, 1),  # most tokens on rank 0 only
+        (3, 17, 2, 9, 1.0, 1),  # odd sizes
+        (4, 5, 4, 4, 1.0, 1),  # every token to every rank: the list fills the capacity
+        (4, 6, 2, 8, 0.0, 2),  # all on rank 0: the other ranks get nothing
+        (3, 0, 2, 7, 1.0, 2),  # T = 0: a rank without tokens
+        (1, 7, 3, 5, 1.0, 2),  # a world of one
+        (3, 17, 3, 7, 1.0, 2),  # two chunks (uneven expert split), the last one shorter
+        (4, 10, 2, 8, 0.7, 3),  # three chunks of 4, 4, 2
+        (2, 1, 2, 4, 1.0, 3),  # fewer tokens than chunks: empty chunks
+        (4, 150, 8, 32, 1.0, 2),  # more than one block of tokens per chunk (Triton: BLOCK_T = 64)
     ],
 )
-def test_send_order_matches_enumeration(W: int, T: int, density: float) -> None:
+def test_send_plan_matches_enumeration(
+    backend_name: str, W: int, T: int, K: int, E: int, density: float, chunks: int
+) -> None:
+    if backend_name not in available_backends("cpu"):
+        pytest.skip("the triton backend cannot run on the CPU here (no Triton, or no interpreter)")
     gen = torch.Generator().manual_seed(W * 100 + T)
-    sent_WT = (torch.rand(W, T, generator=gen) < density).to(torch.int32)
-    token_T1 = torch.arange(T, dtype=torch.int32).view(T, 1)
-    minus_one, zero_1 = torch.tensor(-1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
-    slot_TW, token_of_slot_C, offsets_W1 = _send_order(sent_WT, token_T1, minus_one, zero_1)
+    ids_TK = _routed(T, K, E, density, gen)
+    offsets = expert_offsets(E, W)
+    counts_WC3 = torch.full((W, chunks, 3), 7, dtype=torch.int32)
+    plan = get_backend(backend_name, "cpu").send_plan(
+        ids_TK, torch.tensor(offsets, dtype=torch.int32), chunks, counts_WC3
+    )
 
-    slot, tokens, offsets = _send_order_reference(sent_WT)
-    S = len(tokens)
-    assert slot_TW.dtype == token_of_slot_C.dtype == offsets_W1.dtype == torch.int32
-    assert slot_TW.shape == (T, W) and slot_TW.is_contiguous()
-    assert slot_TW.tolist() == slot
-    assert token_of_slot_C.shape == (W * T + 1,)
-    assert token_of_slot_C[:S].tolist() == tokens
-    assert offsets_W1.tolist() == offsets
-    # The invariants ExpertBuckets promises: the slots >= 0 are a permutation of 0..S-1, and each
-    # place's token reads back its slot.
-    assert sorted(s for s in slot_TW.flatten().tolist() if s >= 0) == list(range(S))
-    for t in range(T):
-        for r in range(W):
-            if slot[t][r] >= 0:
-                assert tokens[slot[t][r]] == t
+    rank_of = [next(r for r in range(W) if offsets[r] <= e < offsets[r + 1]) for e in range(E)]
+    hits = [[sum(rank_of[int(e)] == r for e in ids_TK[t]) for t in range(T)] for r in range(W)]
+    sent_WT = torch.tensor(hits, dtype=torch.int32).view(W, T).clamp(max=1)
+    reach = min(W, K)
+    assert plan.slot_of_row_TW.shape == (T, W) and plan.slot_of_row_TW.is_contiguous()
+    assert (counts_WC3[:, :, 2] == 7).all()  # the flag column is the caller's
+    for c, (tokens, slot, listed, offsets_W1) in enumerate(_send_plan_reference(sent_WT, chunks)):
+        S = len(listed)
+        rows, buckets = plan.chunk(c, S)
+        assert range(rows.start, rows.stop) == tokens
+        assert buckets.slot_of_row_MR.dtype == buckets.row_of_slot_N.dtype == torch.int32
+        assert buckets.offsets_E1.dtype == torch.int32
+        assert buckets.slot_of_row_MR.tolist() == slot
+        assert buckets.row_of_slot_N.tolist() == listed
+        assert buckets.offsets_E1.tolist() == offsets_W1
+        assert counts_WC3[:, c, 0].tolist() == [offsets_W1[r + 1] - offsets_W1[r] for r in range(W)]
+        assert counts_WC3[:, c, 1].tolist() == [sum(hits[r][t] for t in tokens) for r in range(W)]
+        # At capacity, the places past the list read the chunk's first token: in bounds, never sent.
+        capacity = len(tokens) * reach
+        assert plan.chunk(c, capacity)[1].row_of_slot_N.tolist() == listed + [0] * (capacity - S)
+        # The invariants ExpertBuckets promises: the slots >= 0 are a permutation of 0..S-1, and
+        # each place's token reads back its slot.
+        assert sorted(s for row in slot for s in row if s >= 0) == list(range(S))
+        for i in range(len(tokens)):
+            for r in range(W):
+                if slot[i][r] >= 0:
+                    assert listed[slot[i][r]] == i
 
 
 def _meta(ids_MK: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -80,7 +119,7 @@ def _meta(ids_MK: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         (300, 8, 128, 32, 64),  # M * K > 1024: the Triton dispatch's multi-block path
     ],
 )
-def test_pair_buckets_match_enumeration(
+def test_received_buckets_match_enumeration(
     backend_name: str, M: int, K: int, E: int, first: int, end: int
 ) -> None:
     if backend_name not in available_backends("cpu"):
@@ -92,13 +131,10 @@ def test_pair_buckets_match_enumeration(
     local_of_expert_E = torch.tensor(
         [e - first if first <= e < end else E_loc for e in range(E)], dtype=torch.int32
     )
-    read_bounds_21 = torch.tensor([[E_loc], [0]], dtype=torch.int32)
     mine = [(m, k) for m in range(M) for k in range(K) if first <= int(ids_MK[m, k]) < end]
     P = len(mine)
 
-    buckets = _pair_buckets(
-        meta_MM, local_of_expert_E, read_bounds_21, P, E_loc, get_backend(backend_name, "cpu")
-    )
+    buckets = get_backend(backend_name, "cpu").received_buckets(meta_MM, local_of_expert_E, E_loc, P)
 
     # Reference: each local expert's pairs in ascending (row, k) order, experts in order.
     order = sorted(mine, key=lambda mk: (int(ids_MK[mk]) - first, mk))

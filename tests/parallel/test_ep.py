@@ -156,8 +156,10 @@ def compare_with_reference(
     backend: str = "torch",
     dtype: torch.dtype = torch.float32,
     tol: dict[str, float] = F32,
+    chunks: int | None = None,
 ) -> None:
-    """Forward and backward of the EP layer on this rank's tokens against the reference."""
+    """Forward and backward of the EP layer on this rank's tokens against the reference
+    (``chunks``: the alltoall dispatcher's token chunks, if not its default)."""
     K, S = cfg.top_k, sum(counts)
     gen = torch.Generator().manual_seed(1)
     x_SH = torch.randn(S, H, generator=gen).to(dtype)
@@ -170,6 +172,8 @@ def compare_with_reference(
     (y_ref.float() * grad_SH.float()).sum().backward()
 
     ep = expert_parallel(world, cfg, mode, ref, backend)
+    if chunks is not None:
+        ep.ep.dispatcher.chunks = chunks
     rows, T = world.rows(counts), counts[world.rank]
     lead = (1, T) if batch_axis else (T,)
     x = x_SH[rows].clone().view(*lead, H)
@@ -293,6 +297,15 @@ def check_quantized(world: World, mode: str) -> None:
 
 
 @check()
+def check_alltoall_chunks(world: World) -> None:
+    """Any number of token chunks gives the same results (the default is one): two, and more
+    chunks than a rank has tokens (empty chunks still take part in every collective)."""
+    for chunks in (2, 3):
+        for counts in TOKEN_COUNTS[world.size]:
+            compare_with_reference(world, CFG_UNEVEN, "alltoall", counts, forced=True, chunks=chunks)
+
+
+@check()
 def check_alltoall_sends_each_token_once_per_rank(world: World) -> None:
     """The alltoall dispatcher sends one row per (token, destination rank) pair, not one per
     (token, expert): a token with several experts on one rank crosses to it once."""
@@ -316,9 +329,9 @@ def check_alltoall_sends_each_token_once_per_rank(world: World) -> None:
 
 @check()
 def check_alltoall_collectives_per_call(world: World) -> None:
-    """The alltoall dispatcher runs 4 all-to-alls forward (counts; x and meta; the partial sums
-    back) and 3 backward (the partials' gradient; x's and meta's), as its module docstring says:
-    on a GPU each is a host-side launch that every layer call pays."""
+    """The alltoall dispatcher runs 1 + 3 C all-to-alls forward (counts; per chunk x, meta and the
+    partial sums back) and 3 C backward (per chunk the partials' gradient, x's and meta's), as its
+    module docstring says: on a GPU each is a host-side launch that every layer call pays."""
     cfg = CFG_UNEVEN
     ep = expert_parallel(world, cfg, "alltoall", reference(cfg))
     T = TOKEN_COUNTS[world.size][1][world.rank]
@@ -331,11 +344,13 @@ def check_alltoall_collectives_per_call(world: World) -> None:
             fn()
         return sum(event.name == "c10d::alltoall_base_" for event in prof.events())
 
-    with torch.no_grad():
-        assert all_to_alls(lambda: ep(x)) == 4
-    outputs: list[torch.Tensor] = []
-    assert all_to_alls(lambda: outputs.append(ep(x))) == 4
-    assert all_to_alls(lambda: outputs[0].backward(dy)) == 3
+    for chunks in (1, 2, 3):
+        ep.ep.dispatcher.chunks = chunks
+        with torch.no_grad():
+            assert all_to_alls(lambda: ep(x)) == 1 + 3 * chunks
+        outputs: list[torch.Tensor] = []
+        assert all_to_alls(lambda out=outputs: out.append(ep(x))) == 1 + 3 * chunks
+        assert all_to_alls(lambda out=outputs: out[0].backward(dy)) == 3 * chunks
 
 
 @check()

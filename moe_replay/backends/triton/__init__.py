@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from moe_replay.backends.base import Backend, ExpertBuckets
+from moe_replay.backends.base import Backend, ExpertBuckets, SendPlan
 from moe_replay.backends.torch import quant as reference_quant
-from moe_replay.backends.triton import combine, dispatch, experts, route
+from moe_replay.backends.triton import combine, dispatch, experts, route, send_plan
 from moe_replay.backends.triton._common import interpreting
 from moe_replay.config import MoEConfig
 from moe_replay.quantize import QuantizedWeight
@@ -87,6 +87,22 @@ class TritonBackend(Backend):
     @torch.compiler.disable
     def permute_rows(self, x_MH: torch.Tensor, buckets: ExpertBuckets) -> torch.Tensor:
         return combine.permute_rows(x_MH, buckets)
+
+    @torch.compiler.disable
+    def received_buckets(
+        self, meta_MM: torch.Tensor, local_of_expert_E: torch.Tensor, num_local: int, num_pairs: int
+    ) -> ExpertBuckets:
+        return dispatch.received_buckets(meta_MM, local_of_expert_E, num_local, num_pairs)
+
+    @torch.compiler.disable
+    def send_plan(
+        self,
+        expert_ids_TK: torch.Tensor,
+        rank_offsets_W1: torch.Tensor,
+        chunks: int,
+        counts_WC3: torch.Tensor,
+    ) -> SendPlan:
+        return send_plan.send_plan(expert_ids_TK, rank_offsets_W1, chunks, counts_WC3)
 
     @torch.compiler.disable
     def quant_expert_mlp(

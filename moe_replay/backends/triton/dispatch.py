@@ -36,11 +36,27 @@ SMALL_N = 1024  # up to this many slots, the single-launch kernel
 
 
 @triton.jit
-def _count_kernel(ids_ptr, counts_ptr, totals_ptr, N, E, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+def _load_ids(ids_ptr, lut_ptr, slots, N, E, R, FROM_META: tl.constexpr):
+    """The expert id of each slot and whether it is in ``[0, E)``. ``FROM_META``: slot ``m * R + r``
+    reads global id ``ids_ptr[m, R + r]`` of a ``[M, 2R]`` float32 meta tensor and maps it through
+    ``lut_ptr`` (ids of other ranks' experts map to E, which no bucket holds)."""
+    in_range = slots < N
+    if FROM_META:
+        g = tl.load(ids_ptr + (slots // R) * (2 * R) + R + slots % R, mask=in_range, other=0.0)
+        ids = tl.load(lut_ptr + g.to(tl.int32), mask=in_range, other=E)
+    else:
+        ids = tl.load(ids_ptr + slots, mask=in_range, other=-1)
+    return ids, in_range & (ids >= 0) & (ids < E)
+
+
+@triton.jit
+def _count_kernel(
+    ids_ptr, lut_ptr, counts_ptr, totals_ptr, N, E, R,
+    FROM_META: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr,
+):  # fmt: skip
     block = tl.program_id(0)
     slots = block * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + slots, mask=slots < N, other=0)
-    valid = (slots < N) & (ids >= 0) & (ids < E)
+    ids, valid = _load_ids(ids_ptr, lut_ptr, slots, N, E, R, FROM_META)
     hist = tl.histogram(ids, E_PAD, mask=valid)
     experts = tl.arange(0, E_PAD)
     tl.store(counts_ptr + block * E_PAD + experts, hist)
@@ -67,74 +83,109 @@ def _scan_kernel(
 
 
 @triton.jit
-def _scatter_kernel(
-    ids_ptr, base_ptr, row_of_slot_ptr, slot_of_row_ptr, N, R, E, BLOCK: tl.constexpr, E_PAD: tl.constexpr
-):
-    block = tl.program_id(0)
-    local = tl.arange(0, BLOCK)
-    slots = block * BLOCK + local
-    ids = tl.load(ids_ptr + slots, mask=slots < N, other=-1)
-    ok = (slots < N) & (ids >= 0) & (ids < E)
-    earlier_same = (ids[:, None] == ids[None, :]) & (local[None, :] < local[:, None])
-    rank = tl.sum(earlier_same.to(tl.int32), 1)
-    sorted_pos = tl.load(base_ptr + block * E_PAD + ids, mask=ok, other=0) + rank
-    tl.store(slot_of_row_ptr + slots, sorted_pos, mask=ok)
+def _store_slots(slot_of_row_ptr, row_of_slot_ptr, slots, sorted_pos, ok, N, R, FROM_META: tl.constexpr):
+    """Each slot's sorted position, both ways. ``FROM_META``: into ``[M, 2R]`` rows, ``-1`` for
+    slots without a bucket and for every read of the id half."""
+    if FROM_META:
+        out = slot_of_row_ptr + (slots // R) * (2 * R) + slots % R
+        tl.store(out, tl.where(ok, sorted_pos, -1), mask=slots < N)
+        tl.store(out + R, tl.full(slots.shape, -1, tl.int32), mask=slots < N)
+    else:
+        tl.store(slot_of_row_ptr + slots, sorted_pos, mask=ok)
     tl.store(row_of_slot_ptr + sorted_pos, slots // R, mask=ok)
 
 
 @triton.jit
+def _scatter_kernel(
+    ids_ptr, lut_ptr, base_ptr, row_of_slot_ptr, slot_of_row_ptr, N, R, E,
+    FROM_META: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr,
+):  # fmt: skip
+    block = tl.program_id(0)
+    local = tl.arange(0, BLOCK)
+    slots = block * BLOCK + local
+    ids, ok = _load_ids(ids_ptr, lut_ptr, slots, N, E, R, FROM_META)
+    earlier_same = (ids[:, None] == ids[None, :]) & (local[None, :] < local[:, None])
+    rank = tl.sum(earlier_same.to(tl.int32), 1)
+    sorted_pos = tl.load(base_ptr + block * E_PAD + ids, mask=ok, other=0) + rank
+    _store_slots(slot_of_row_ptr, row_of_slot_ptr, slots, sorted_pos, ok, N, R, FROM_META)
+
+
+@triton.jit
 def _dispatch_small_kernel(
-    ids_ptr, row_of_slot_ptr, slot_of_row_ptr, offsets_ptr, N, R, E, BLOCK: tl.constexpr, E_PAD: tl.constexpr
-):
+    ids_ptr, lut_ptr, row_of_slot_ptr, slot_of_row_ptr, offsets_ptr, N, R, E,
+    FROM_META: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr,
+):  # fmt: skip
     experts = tl.arange(0, E_PAD)
     local = tl.arange(0, BLOCK)
     totals = tl.zeros([E_PAD], tl.int32)
     for start in range(0, N, BLOCK):
-        ids = tl.load(ids_ptr + start + local, mask=start + local < N, other=0)
-        totals += tl.histogram(ids, E_PAD, mask=(start + local < N) & (ids >= 0) & (ids < E))
+        ids, ok = _load_ids(ids_ptr, lut_ptr, start + local, N, E, R, FROM_META)
+        totals += tl.histogram(ids, E_PAD, mask=ok)
     ends = tl.cumsum(totals, 0)
     tl.store(offsets_ptr, 0)
     tl.store(offsets_ptr + 1 + experts, ends, mask=experts < E)
     next_slot = ends - totals  # per expert: where its next slot goes
     for start in range(0, N, BLOCK):
         slots = start + local
-        ids = tl.load(ids_ptr + slots, mask=slots < N, other=-1)
-        ok = (slots < N) & (ids >= 0) & (ids < E)
+        ids, ok = _load_ids(ids_ptr, lut_ptr, slots, N, E, R, FROM_META)
         one_hot = ids[:, None] == experts[None, :]
         earlier_same = (ids[:, None] == ids[None, :]) & (local[None, :] < local[:, None])
         sorted_pos = tl.sum(tl.where(one_hot, next_slot[None, :], 0), 1) + tl.sum(
             earlier_same.to(tl.int32), 1
         )
-        tl.store(slot_of_row_ptr + slots, sorted_pos, mask=ok)
-        tl.store(row_of_slot_ptr + sorted_pos, slots // R, mask=ok)
+        _store_slots(slot_of_row_ptr, row_of_slot_ptr, slots, sorted_pos, ok, N, R, FROM_META)
         next_slot += tl.histogram(ids, E_PAD, mask=ok)
 
 
 def dispatch(expert_ids_MR: torch.Tensor, num_experts: int) -> ExpertBuckets:
     """Stable grouping of ``expert_ids_MR`` (ids in ``[0, E)``) by expert; see the module docstring."""
     M, R = expert_ids_MR.shape
-    N, device = M * R, expert_ids_MR.device
     ids_N = expert_ids_MR.reshape(-1).to(torch.int32).contiguous()
+    return _dispatch(ids_N, None, M, R, num_experts)
+
+
+def received_buckets(
+    meta_MM: torch.Tensor, local_of_expert_E: torch.Tensor, num_local: int, num_pairs: int
+) -> ExpertBuckets:
+    """``Backend.received_buckets``: the same kernels reading the ids straight from the meta rows
+    through the local-id table, and writing ``[M, 2K]`` slots (``-1`` off this rank, and for the
+    id half), so the metadata takes the dispatch's launches and nothing else."""
+    M, K = meta_MM.shape[0], meta_MM.shape[1] // 2
+    buckets = _dispatch(meta_MM.contiguous(), local_of_expert_E, M, K, num_local)
+    return ExpertBuckets(
+        row_of_slot_N=buckets.row_of_slot_N[:num_pairs],
+        slot_of_row_MR=buckets.slot_of_row_MR,
+        offsets_E1=buckets.offsets_E1,
+    )
+
+
+def _dispatch(
+    ids: torch.Tensor, lut_E: torch.Tensor | None, M: int, R: int, num_experts: int
+) -> ExpertBuckets:
+    """The launches behind ``dispatch`` (``lut_E`` None: ``ids`` is ``[M * R]`` int32 ids) and
+    ``received_buckets`` (``ids`` is ``[M, 2R]`` float32 meta, slots ``[M, 2R]``)."""
+    N, device = M * R, ids.device
+    from_meta = lut_E is not None
     e_pad = pow2(num_experts, 16)
     num_blocks = triton.cdiv(N, BLOCK)
     row_of_slot_N = torch.empty(N, dtype=torch.int32, device=device)
-    slot_of_row_N = torch.empty(N, dtype=torch.int32, device=device)
+    slot_of_row = torch.empty(M, 2 * R if from_meta else R, dtype=torch.int32, device=device)
     offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.int32, device=device)
+    lut = lut_E if from_meta else ids
+    flags = {"FROM_META": from_meta, "BLOCK": BLOCK, "E_PAD": e_pad}
     if 0 < N <= SMALL_N:
         _dispatch_small_kernel[(1,)](
-            ids_N, row_of_slot_N, slot_of_row_N, offsets_E1, N, R, num_experts, BLOCK=BLOCK, E_PAD=e_pad
+            ids, lut, row_of_slot_N, slot_of_row, offsets_E1, N, R, num_experts, **flags
         )
     elif N:
         counts_BE = torch.empty(num_blocks, e_pad, dtype=torch.int32, device=device)
         base_BE = torch.empty_like(counts_BE)
         totals_E = torch.zeros(e_pad, dtype=torch.int32, device=device)
-        _count_kernel[(num_blocks,)](ids_N, counts_BE, totals_E, N, num_experts, BLOCK=BLOCK, E_PAD=e_pad)
+        _count_kernel[(num_blocks,)](ids, lut, counts_BE, totals_E, N, num_experts, R, **flags)
         _scan_kernel[(num_experts,)](
             counts_BE, totals_E, base_BE, offsets_E1, num_blocks, num_experts, E_PAD=e_pad, SCAN=SCAN
         )
         _scatter_kernel[(num_blocks,)](
-            ids_N, base_BE, row_of_slot_N, slot_of_row_N, N, R, num_experts, BLOCK=BLOCK, E_PAD=e_pad
+            ids, lut, base_BE, row_of_slot_N, slot_of_row, N, R, num_experts, **flags
         )
-    return ExpertBuckets(
-        row_of_slot_N=row_of_slot_N, slot_of_row_MR=slot_of_row_N.view(M, R), offsets_E1=offsets_E1
-    )
+    return ExpertBuckets(row_of_slot_N=row_of_slot_N, slot_of_row_MR=slot_of_row, offsets_E1=offsets_E1)

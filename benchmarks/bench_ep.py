@@ -82,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--small", action="store_true", help="tiny shapes and token counts (CPU smoke test)")
     p.add_argument("--tokens", default=None, help="tokens per rank, comma-separated (default 4096,16384)")
     p.add_argument("--modes", default=",".join(MODES), help="ep modes to time, comma-separated")
+    p.add_argument(
+        "--chunks",
+        default=None,
+        help="alltoall token chunks to time, comma-separated (cases alltoall/c<n>; default: the "
+        "dispatcher's default, case alltoall)",
+    )
     p.add_argument("--backend", default=None, help="moe_replay backend (default: automatic)")
     p.add_argument(
         "--warmup", type=int, default=None, help="untimed iterations per case (default 3; 1 small)"
@@ -96,6 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="only profile alltoall forward and forward+backward at T tokens per rank (torch.profiler, "
         "rank 0 prints its table)",
     )
+    p.add_argument(
+        "--trace-dir",
+        default=None,
+        help="with --profile: every rank writes its Chrome trace there (trace_rank<r>.json.gz)",
+    )
     p.add_argument("--timeout-s", type=int, default=300, help="collective timeout: a hung rank fails")
     p.add_argument("--json", default=None, help="where rank 0 writes the results")
     args = p.parse_args(argv)
@@ -103,6 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.tokens = "64,256" if args.small else "4096,16384"
     args.tokens = [int(t) for t in args.tokens.split(",") if t]
     args.modes = [m for m in args.modes.split(",") if m]
+    args.chunks = [int(c) for c in args.chunks.split(",") if c] if args.chunks else []
     for mode in args.modes:
         if mode not in MODES:
             p.error(f"--modes: {mode!r} is not one of {MODES}")
@@ -401,10 +413,13 @@ def run_timing(args: argparse.Namespace, device: torch.device, report: Report) -
         f"{get_backend(args.backend, device).name}, median of {args.iters} after {args.warmup} warm-up"
     )
     say(
-        f"{'T/rank':>7} {'case':<10} {'fwd ms':>9} {'fwd+bwd ms':>11} {'eff fwd':>8} {'eff f+b':>8}  "
+        f"{'T/rank':>7} {'case':<12} {'fwd ms':>9} {'fwd+bwd ms':>11} {'eff fwd':>8} {'eff f+b':>8}  "
         f"{'isolated: fwd':>8} {'f+b':>8}  per-rank fwd+bwd ms (steady)"
     )
-    cases = ["1gpu", *args.modes]
+    cases = ["1gpu"]
+    for mode in args.modes:
+        chunked = mode == "alltoall" and args.chunks
+        cases += [f"{mode}/c{c}" for c in args.chunks] if chunked else [mode]
     for T in args.tokens:
         baseline: dict[str, float] = {}
         for case in cases:
@@ -419,8 +434,10 @@ def run_timing(args: argparse.Namespace, device: torch.device, report: Report) -
                         device=device,
                         dtype=dtype,
                         ep_group=dist.group.WORLD,
-                        ep_mode=case,
+                        ep_mode=case.split("/")[0],
                     )
+                    if "/c" in case:
+                        layer.ep.dispatcher.chunks = int(case.split("/c")[1])
                 mine = time_layer(layer, T, cfg, args, device)
                 del layer
                 per_rank: list[dict[str, dict[str, float]]] = [{} for _ in range(world)]
@@ -459,7 +476,7 @@ def run_timing(args: argparse.Namespace, device: torch.device, report: Report) -
             ms_col = f["ms_max"] if case != "1gpu" else f["ms_median"]
             msb_col = fb["ms_max"] if case != "1gpu" else fb["ms_median"]
             say(
-                f"{T:>7} {case:<10} {ms_col:>9.3f} {msb_col:>11.3f} {f['efficiency']:>8.2f} "
+                f"{T:>7} {case:<12} {ms_col:>9.3f} {msb_col:>11.3f} {f['efficiency']:>8.2f} "
                 f"{fb['efficiency']:>8.2f}  {f['ms_isolated_max']:>8.3f} {fb['ms_isolated_max']:>8.3f}  "
                 + " ".join(f"{v:.2f}" for v in fb["ms_per_rank"])
             )
@@ -475,6 +492,8 @@ def run_profile(T: int, args: argparse.Namespace, device: torch.device) -> None:
     layer = mr.MoE(
         cfg, backend=args.backend, device=device, dtype=dtype, ep_group=dist.group.WORLD, ep_mode="alltoall"
     )
+    if args.chunks:
+        layer.ep.dispatcher.chunks = args.chunks[0]
     x, _, trace = rank_inputs(T, cfg, dtype, device)
     x.requires_grad_()
     model = nn.Sequential(layer)
@@ -492,11 +511,49 @@ def run_profile(T: int, args: argparse.Namespace, device: torch.device) -> None:
                     model(x)
                 model(x).sum().backward()
             sync(device)
+    if args.trace_dir:
+        Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(Path(args.trace_dir) / f"trace_rank{dist.get_rank()}.json.gz"))
     if dist.get_rank() == 0:
         table = prof.key_averages()
         say(table.table(sort_by="self_cpu_time_total", row_limit=40))
         if device.type == "cuda":
             say(table.table(sort_by="self_device_time_total", row_limit=25))
+    time_token_all_to_all(layer.ep.dispatcher.last_send_rows, cfg, dtype, device, args)
+
+
+def time_token_all_to_all(
+    send_rows: tuple[int, ...], cfg: mr.MoEConfig, dtype: torch.dtype, device: torch.device, args
+) -> None:
+    """The bare all-to-all of the token rows the layer just sent (this rank's ``send_rows``),
+    timed alone: the bandwidth the dispatcher's two big all-to-alls get at best."""
+    world = dist.get_world_size()
+    send = torch.tensor(send_rows, dtype=torch.int64, device=device)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send)
+    recv_rows = recv.tolist()
+    x = torch.randn(sum(send_rows), cfg.hidden_size, device=device).to(dtype)
+    out = x.new_empty(sum(recv_rows), cfg.hidden_size)
+
+    def call() -> None:
+        dist.all_to_all_single(out, x, recv_rows, list(send_rows))
+
+    for _ in range(args.warmup):
+        call()
+    times = []
+    for _ in range(args.iters):
+        dist.barrier()
+        sync(device)
+        times.append(_elapsed_ms(call, device))
+    ms = statistics.median(times)
+    rank = dist.get_rank()
+    remote = sum(n for r, n in enumerate(send_rows) if r != rank) * cfg.hidden_size * x.element_size()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (ms, remote / ms / 1e6, list(send_rows)))
+    for r, (ms_r, gbps, rows) in enumerate(gathered):
+        say(
+            f"token all-to-all alone, rank {r}: {ms_r:.3f} ms, {gbps:.0f} GB/s sent to other ranks, rows {rows}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -100,6 +100,12 @@ class SendPlan:
     token_of_slot_CL: torch.Tensor
     offsets_CW1: torch.Tensor
 
+    @staticmethod
+    def places(num_tokens: int, top_k: int, world_size: int, chunks: int) -> tuple[int, int]:
+        """``(T_c, L)``: tokens per chunk and places per chunk (the shape legend's)."""
+        chunk_tokens = -(-num_tokens // chunks)
+        return chunk_tokens, chunk_tokens * min(world_size, top_k) + 1
+
     def chunk(self, c: int, capacity: int) -> tuple[slice, ExpertBuckets]:
         """Chunk c's token rows, and its send list as buckets over the ranks (``capacity``
         places: S_c for the list itself, more for a buffer filled before S_c is known)."""

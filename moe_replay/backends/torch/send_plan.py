@@ -24,11 +24,9 @@ def send_plan(
     chunk's spare, or the last one)."""
     T, K = expert_ids_TK.shape
     W = rank_offsets_W1.numel() - 1
+    Tc, L = SendPlan.places(T, K, W, chunks)
     device = expert_ids_TK.device
     ids_TK = expert_ids_TK.to(torch.int32)
-    reach = min(W, K)
-    Tc = -(-T // chunks)
-    L = Tc * reach + 1
 
     rank_TK = torch.bucketize(ids_TK, rank_offsets_W1[1:W].contiguous(), right=True, out_int32=True)
     ranks_W11 = torch.arange(W, dtype=torch.int32, device=device).view(W, 1, 1)

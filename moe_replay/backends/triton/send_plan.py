@@ -124,12 +124,10 @@ def send_plan(
     """``Backend.send_plan`` in two launches (module docstring)."""
     T, K = expert_ids_TK.shape
     W = rank_offsets_W1.numel() - 1
-    device = expert_ids_TK.device
     if counts_WC3.shape != (W, chunks, 3) or not counts_WC3.is_contiguous():
         raise ValueError(f"counts_WC3 must be a contiguous [{W}, {chunks}, 3] tensor, got {counts_WC3.shape}")
-    reach = min(W, K)
-    Tc = -(-T // chunks)
-    L = Tc * reach + 1
+    Tc, L = SendPlan.places(T, K, W, chunks)
+    device = expert_ids_TK.device
     NB = max(1, triton.cdiv(Tc, BLOCK_T))
     ids_TK = expert_ids_TK.to(torch.int32).contiguous()
     w_pad, k_pad = pow2(W, 2), pow2(K, 2)
@@ -141,7 +139,8 @@ def send_plan(
     shape = {"BLOCK_T": BLOCK_T, "K_PAD": k_pad, "W_PAD": w_pad}
     _count_kernel[grid](ids_TK, rank_offsets_W1, counts_B2W, T, Tc, NB, K, W, **shape)
     _place_kernel[grid](
-        ids_TK, rank_offsets_W1, counts_B2W, slot_TW, token_of_slot_CL, offsets_CW1, counts_WC3, T, Tc, NB, chunks, K, W, L, reach, SCAN=SCAN, **shape,
+        ids_TK, rank_offsets_W1, counts_B2W, slot_TW, token_of_slot_CL, offsets_CW1, counts_WC3,
+        T, Tc, NB, chunks, K, W, L, min(W, K), SCAN=SCAN, **shape,
     )  # fmt: skip
     return SendPlan(
         chunk_tokens=Tc,

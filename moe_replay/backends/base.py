@@ -13,7 +13,9 @@ a layer runs, in order::
     combine(y_NH, buckets, weights_MR, dtype)  -> y_MH
 
 Expert parallelism runs the same stages with ``permute_rows`` and collectives in between
-(``moe_replay.parallel``); quantized experts replace ``expert_mlp`` with ``quant_expert_mlp``.
+(``moe_replay.parallel``), its metadata from ``send_plan`` (sender) and ``received_buckets``
+(receiver), which have torch reference implementations here; quantized experts replace
+``expert_mlp`` with ``quant_expert_mlp``.
 """
 
 from __future__ import annotations

@@ -96,16 +96,6 @@ def _reduce_scatter_rows(x_SX: torch.Tensor, counts: Sequence[int], group: Proce
     return received.view(world, mine, *x_SX.shape[1:]).float().sum(dim=0).to(x_SX.dtype)
 
 
-def _all_to_all_rows(
-    x_NX: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int], group: ProcessGroup
-) -> torch.Tensor:
-    if x_NX.shape[0] != sum(send_counts):
-        raise ValueError(f"all-to-all of {x_NX.shape[0]} rows, send counts sum to {sum(send_counts)}")
-    out = x_NX.new_empty((sum(recv_counts), *x_NX.shape[1:]))
-    dist.all_to_all_single(out, x_NX.contiguous(), list(recv_counts), list(send_counts), group=group)
-    return out
-
-
 class _AllGatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, counts, group, *tensors):  # type: ignore[override]
@@ -137,28 +127,6 @@ class _ReduceScatterRows(torch.autograd.Function):
         return _all_gather_rows(grad_MX.contiguous(), ctx.counts, ctx.group), None, None
 
 
-class _AllToAllRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, send_counts, recv_counts, group, *tensors):  # type: ignore[override]
-        ctx.send_counts, ctx.recv_counts, ctx.group = send_counts, recv_counts, group
-        ctx.floating = [t.is_floating_point() for t in tensors]
-        received = tuple(_all_to_all_rows(t, send_counts, recv_counts, group) for t in tensors)
-        ctx.mark_non_differentiable(*(r for r in received if not r.is_floating_point()))
-        return received
-
-    @staticmethod
-    def backward(ctx, *grads):  # type: ignore[override]
-        # Every floating tensor's gradient travels back, whether or not this rank needs it (zeros
-        # for an unused output): every rank must run the same collectives.
-        returned = (
-            _all_to_all_rows(grad.contiguous(), ctx.recv_counts, ctx.send_counts, ctx.group)
-            if floating
-            else None
-            for grad, floating in zip(grads, ctx.floating)
-        )
-        return None, None, None, *returned
-
-
 def all_gather_rows(
     tensors: Sequence[torch.Tensor], counts: Sequence[int], group: ProcessGroup
 ) -> tuple[torch.Tensor, ...]:
@@ -181,24 +149,6 @@ def reduce_scatter_rows(x_SX: torch.Tensor, counts: Sequence[int], group: Proces
     all-gathers the gradient.
     """
     return _ReduceScatterRows.apply(x_SX, tuple(counts), group)
-
-
-def all_to_all_rows(
-    tensors: Sequence[torch.Tensor],
-    send_counts: Sequence[int],
-    recv_counts: Sequence[int],
-    group: ProcessGroup,
-) -> tuple[torch.Tensor, ...]:
-    """For each ``[N, *X]`` tensor: send rows ``sum(send_counts[:r]):sum(send_counts[:r + 1])`` to
-    rank r; receive ``recv_counts[r]`` rows from rank r, concatenated in rank order
-    (``[sum(recv_counts), *X]``).
-
-    ``recv_counts[r]`` here must equal rank r's ``send_counts[this rank]``. Differentiable with
-    respect to the floating-point tensors (integer ones come back non-differentiable): the backward
-    sends their gradients back the same way, counts swapped. The tensors go through one autograd
-    node, so every rank runs the backward's collectives in the same order.
-    """
-    return _AllToAllRows.apply(tuple(send_counts), tuple(recv_counts), group, *tensors)
 
 
 class RowsInFlight:
@@ -320,10 +270,17 @@ def start_all_to_all_rows(
     recv_counts: Sequence[int],
     group: ProcessGroup,
 ) -> RowsInFlight:
-    """:func:`all_to_all_rows`, started: returns at once; :meth:`RowsInFlight.finish` gives the
-    received rows. Each tensor may hold more rows than ``sum(send_counts)``: the rest are not sent
-    (and get a zero gradient), so a buffer sized by an upper bound can be filled before the counts
-    are known."""
+    """Start, for each ``[N, *X]`` tensor, sending rows ``sum(send_counts[:r]):sum(send_counts[:r + 1])``
+    to rank r and receiving ``recv_counts[r]`` rows from rank r; returns at once, and
+    :meth:`RowsInFlight.finish` gives the received rows, concatenated in rank order
+    (``[sum(recv_counts), *X]``).
+
+    ``recv_counts[r]`` must equal rank r's ``send_counts[this rank]``. Each tensor may hold more
+    rows than ``sum(send_counts)``: the rest are not sent (and get a zero gradient), so a buffer
+    sized by an upper bound can be filled before the counts are known. Differentiable with
+    respect to the floating-point tensors (integer ones come back non-differentiable): the
+    backward sends their gradients back the same way, counts swapped; the tensors go through one
+    autograd node, so every rank runs the backward's collectives in the same order."""
     flight = RowsInFlight(send_counts, recv_counts, group)
     flight.received = _StartAllToAll.apply(flight, *tensors)
     return flight

@@ -108,11 +108,15 @@ class SendPlan:
         chunk_tokens = -(-num_tokens // chunks)
         return chunk_tokens, chunk_tokens * min(world_size, top_k) + 1
 
+    def rows(self, c: int) -> slice:
+        """Chunk c's token rows."""
+        T = self.slot_of_row_TW.shape[0]
+        return slice(min(c * self.chunk_tokens, T), min((c + 1) * self.chunk_tokens, T))
+
     def chunk(self, c: int, capacity: int) -> tuple[slice, ExpertBuckets]:
         """Chunk c's token rows, and its send list as buckets over the ranks (``capacity``
         places: S_c for the list itself, more for a buffer filled before S_c is known)."""
-        T = self.slot_of_row_TW.shape[0]
-        rows = slice(min(c * self.chunk_tokens, T), min((c + 1) * self.chunk_tokens, T))
+        rows = self.rows(c)
         buckets = ExpertBuckets(
             row_of_slot_N=self.token_of_slot_CL[c, :capacity],
             slot_of_row_MR=self.slot_of_row_TW[rows],

@@ -253,7 +253,7 @@ class AllToAllDispatcher:
             meta_TM = torch.cat([weights_TK, ids_TK], dim=1)  # [T, 2K] float32 (ids promoted)
             sends = []
             for c in range(C):
-                rows, _ = plan.chunk(c, 0)
+                rows = plan.rows(c)
                 to_ranks_cap = plan.chunk(c, (rows.stop - rows.start) * reach)[1]
                 # One chunk reads the whole tensors (a slice would cost its backward a zero-fill
                 # and a copy of the gradient).

@@ -120,15 +120,21 @@ DISPATCH_CASES = [
     (0, 2, 3),  # no tokens
     (129, 8, 16),  # top_k 8, 1032 slots
     (50, 1, 64),  # most experts idle (R = 1: expert-parallel regrouping)
+    (700, 6, 20),  # 33 blocks: more than one step of the fused scan
 ]
 
+# (SMALL_N, FUSED_SCAN_BLOCKS) selecting each launch path of the triton dispatch
+DISPATCH_PATHS = {"one launch": (10**9, 0), "count, scan+scatter": (0, 10**9), "count, scan, scatter": (0, 0)}
 
-@pytest.mark.parametrize("single_launch", [True, False])  # the small-N kernel, and count/scan/scatter
+
+@pytest.mark.parametrize("path", list(DISPATCH_PATHS))
 @pytest.mark.parametrize("M,R,E", DISPATCH_CASES)
-def test_dispatch_equals_stable_argsort(M: int, R: int, E: int, single_launch: bool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_dispatch_equals_stable_argsort(M: int, R: int, E: int, path: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from moe_replay.backends.triton import dispatch as triton_dispatch
 
-    monkeypatch.setattr(triton_dispatch, "SMALL_N", 10**9 if single_launch else 0)
+    small_n, fused_blocks = DISPATCH_PATHS[path]
+    monkeypatch.setattr(triton_dispatch, "SMALL_N", small_n)
+    monkeypatch.setattr(triton_dispatch, "FUSED_SCAN_BLOCKS", fused_blocks)
     gen = torch.Generator().manual_seed(M + R + E)
     ids = random_forced(M, E, R, gen, free=0.0).to(DEVICE)
     got, want = TRITON.dispatch(ids, E), TORCH.dispatch(ids, E)

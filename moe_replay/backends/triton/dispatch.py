@@ -13,6 +13,10 @@ captured in a CUDA graph:
 3. ``_scatter_kernel``: each slot's rank among the earlier slots of its block with the same expert
    (a BLOCK x BLOCK comparison), added to ``base_BE``: its sorted position.
 
+Up to ``FUSED_SCAN_BLOCKS`` blocks (T <= 2048 at top-8) steps 2 and 3 are one launch,
+``_scan_scatter_kernel``, and step 1 skips the totals: each block sums the whole ``counts_BE``
+itself (at most 64 KB, read from L2), which costs less than a launch and a memset from the host.
+
 Ranks follow slot order inside a block and blocks are laid out in order, so buckets hold their
 slots in ascending order: the same permutation as a stable argsort (the reference), bit for bit.
 
@@ -33,6 +37,8 @@ from moe_replay.backends.triton._common import pow2
 BLOCK = 128  # slots per block: the rank step compares BLOCK x BLOCK ids in registers
 SCAN = 1024  # blocks per step of the per-expert scan
 SMALL_N = 1024  # up to this many slots, the single-launch kernel
+FUSED_SCAN_BLOCKS = 128  # up to this many blocks, the two-launch path (count, then scan + scatter)
+SCAN_STEP = 32  # blocks of counts summed per step of the fused scan
 
 
 @triton.jit
@@ -52,7 +58,7 @@ def _load_ids(ids_ptr, lut_ptr, slots, N, E, R, FROM_META: tl.constexpr):
 @triton.jit
 def _count_kernel(
     ids_ptr, lut_ptr, counts_ptr, totals_ptr, N, E, R,
-    FROM_META: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr,
+    FROM_META: tl.constexpr, TOTALS: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr,
 ):  # fmt: skip
     block = tl.program_id(0)
     slots = block * BLOCK + tl.arange(0, BLOCK)
@@ -60,7 +66,8 @@ def _count_kernel(
     hist = tl.histogram(ids, E_PAD, mask=valid)
     experts = tl.arange(0, E_PAD)
     tl.store(counts_ptr + block * E_PAD + experts, hist)
-    tl.atomic_add(totals_ptr + experts, hist, mask=experts < E)
+    if TOTALS:
+        tl.atomic_add(totals_ptr + experts, hist, mask=experts < E)
 
 
 @triton.jit
@@ -107,6 +114,39 @@ def _scatter_kernel(
     earlier_same = (ids[:, None] == ids[None, :]) & (local[None, :] < local[:, None])
     rank = tl.sum(earlier_same.to(tl.int32), 1)
     sorted_pos = tl.load(base_ptr + block * E_PAD + ids, mask=ok, other=0) + rank
+    _store_slots(slot_of_row_ptr, row_of_slot_ptr, slots, sorted_pos, ok, N, R, FROM_META)
+
+
+@triton.jit
+def _scan_scatter_kernel(
+    ids_ptr, lut_ptr, counts_ptr, row_of_slot_ptr, slot_of_row_ptr, offsets_ptr, N, R, E, num_blocks,
+    FROM_META: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, STEP: tl.constexpr,
+):  # fmt: skip
+    block = tl.program_id(0)
+    experts = tl.arange(0, E_PAD)
+    totals = tl.zeros([E_PAD], tl.int32)
+    before = tl.zeros([E_PAD], tl.int32)  # this expert's slots in earlier blocks
+    for start in range(0, num_blocks, STEP):
+        blocks = start + tl.arange(0, STEP)
+        column = tl.load(
+            counts_ptr + blocks[:, None] * E_PAD + experts[None, :],
+            mask=(blocks < num_blocks)[:, None],
+            other=0,
+        )
+        totals += tl.sum(column, 0)
+        before += tl.sum(tl.where((blocks < block)[:, None], column, 0), 0)
+    ends = tl.cumsum(totals, 0)
+    if block == 0:
+        tl.store(offsets_ptr, 0)
+        tl.store(offsets_ptr + 1 + experts, ends, mask=experts < E)
+    base = ends - totals + before
+    local = tl.arange(0, BLOCK)
+    slots = block * BLOCK + local
+    ids, ok = _load_ids(ids_ptr, lut_ptr, slots, N, E, R, FROM_META)
+    earlier_same = (ids[:, None] == ids[None, :]) & (local[None, :] < local[:, None])
+    sorted_pos = tl.sum(tl.where(ids[:, None] == experts[None, :], base[None, :], 0), 1) + tl.sum(
+        earlier_same.to(tl.int32), 1
+    )
     _store_slots(slot_of_row_ptr, row_of_slot_ptr, slots, sorted_pos, ok, N, R, FROM_META)
 
 
@@ -170,18 +210,26 @@ def _dispatch(
     num_blocks = triton.cdiv(N, BLOCK)
     row_of_slot_N = torch.empty(N, dtype=torch.int32, device=device)
     slot_of_row = torch.empty(M, 2 * R if from_meta else R, dtype=torch.int32, device=device)
-    offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.int32, device=device)
+    # Every launch path writes all of offsets_E1; with no slots nothing runs and it must be zeros.
+    offsets_E1 = (torch.empty if N else torch.zeros)(num_experts + 1, dtype=torch.int32, device=device)
     lut = lut_E if from_meta else ids
     flags = {"FROM_META": from_meta, "BLOCK": BLOCK, "E_PAD": e_pad}
     if 0 < N <= SMALL_N:
         _dispatch_small_kernel[(1,)](
             ids, lut, row_of_slot_N, slot_of_row, offsets_E1, N, R, num_experts, **flags
         )
+    elif 0 < num_blocks <= FUSED_SCAN_BLOCKS:
+        counts_BE = torch.empty(num_blocks, e_pad, dtype=torch.int32, device=device)
+        _count_kernel[(num_blocks,)](ids, lut, counts_BE, counts_BE, N, num_experts, R, TOTALS=False, **flags)
+        _scan_scatter_kernel[(num_blocks,)](
+            ids, lut, counts_BE, row_of_slot_N, slot_of_row, offsets_E1, N, R, num_experts, num_blocks,
+            STEP=SCAN_STEP, **flags,
+        )  # fmt: skip
     elif N:
         counts_BE = torch.empty(num_blocks, e_pad, dtype=torch.int32, device=device)
         base_BE = torch.empty_like(counts_BE)
         totals_E = torch.zeros(e_pad, dtype=torch.int32, device=device)
-        _count_kernel[(num_blocks,)](ids, lut, counts_BE, totals_E, N, num_experts, R, **flags)
+        _count_kernel[(num_blocks,)](ids, lut, counts_BE, totals_E, N, num_experts, R, TOTALS=True, **flags)
         _scan_kernel[(num_experts,)](
             counts_BE, totals_E, base_BE, offsets_E1, num_blocks, num_experts, E_PAD=e_pad, SCAN=SCAN
         )

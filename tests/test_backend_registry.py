@@ -50,6 +50,7 @@ def private_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry, "_loaded", {})
     monkeypatch.setattr(registry, "_load_errors", {})
     monkeypatch.setattr(registry, "_logged_fallbacks", set())
+    monkeypatch.setattr(registry, "_cuda_verdicts", {})
     monkeypatch.delenv(registry.ENV_VAR, raising=False)
 
 

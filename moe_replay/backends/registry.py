@@ -29,6 +29,7 @@ _loaders: dict[str, Callable[[], Backend]] = {}
 _loaded: dict[str, Backend] = {}
 _load_errors: dict[str, str] = {}
 _logged_fallbacks: set[tuple[str, str]] = set()
+_cuda_verdicts: dict[tuple[str, torch.device], str | None] = {}  # (backend, device) -> why not
 
 
 def register(name: str, loader: Callable[[], Backend]) -> None:
@@ -62,10 +63,16 @@ def _load(name: str) -> Backend | None:
 
 
 def _why_not(name: str, device: torch.device) -> str | None:
+    key = (name, device)
+    if key in _cuda_verdicts:
+        return _cuda_verdicts[key]
     backend = _load(name)
     if backend is None:
         return f"it failed to import ({_load_errors[name]})"
-    return backend.unavailable_reason(device)
+    reason = backend.unavailable_reason(device)
+    if device.type == "cuda":  # a GPU's capability does not change within a process; asked per call
+        _cuda_verdicts[key] = reason
+    return reason
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

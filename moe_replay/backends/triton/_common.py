@@ -8,6 +8,7 @@ data). Every kernel therefore takes ``DOT_FP32``: when set, operands are upcast 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -15,14 +16,25 @@ import triton
 import triton.language as tl
 
 
+@functools.cache
 def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (it reads the variable when a kernel is
+    decorated, so the answer holds for the process; cached: launchers ask on every call)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def needs_autograd(*tensors: torch.Tensor) -> bool:
+    """Whether a stage must record an autograd node: gradients are on and an input wants one.
+    Without, stages call their forward directly (``Function.apply`` costs host time per call)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+@functools.lru_cache(maxsize=1024)
 def pow2(n: int, minimum: int = 1) -> int:
     return max(triton.next_power_of_2(max(n, 1)), minimum)
 
 
+@functools.cache
 def dot_flags(dtype: torch.dtype) -> dict[str, bool]:
     """``DOT_FP32`` (interpreter workaround) and ``IEEE`` (full-precision float32 dots, not TF32)."""
     return {"DOT_FP32": interpreting() and dtype != torch.float32, "IEEE": dtype == torch.float32}

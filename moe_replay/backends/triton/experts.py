@@ -49,6 +49,7 @@ from moe_replay.backends.triton._common import (
     interpreting,
     max_row_tiles,
     mma,
+    needs_autograd,
     pow2,
 )
 from moe_replay.backends.triton.combine import gather_sum
@@ -676,6 +677,8 @@ def expert_mlp(
 ) -> torch.Tensor:
     """``y_NH`` (x's dtype) in bucket order; see the module docstring."""
     _check_dtypes(x_MH, w_gate_up_E2IH, w_down_EHI)
+    if not needs_autograd(x_MH, w_gate_up_E2IH, w_down_EHI):
+        return _forward(x_MH.contiguous(), buckets, w_gate_up_E2IH, w_down_EHI, False)[0]
     return _ExpertMLP.apply(
         x_MH.contiguous(),
         w_gate_up_E2IH,
@@ -696,6 +699,9 @@ def expert_mlp_combine(
 ) -> torch.Tensor:
     """``y_MH[m] = sum_r weights[m, r] * expert(x_MH[m])`` in ``out_dtype``: the local layer's path."""
     _check_dtypes(x_MH, w_gate_up_E2IH, w_down_EHI)
+    if not needs_autograd(x_MH, w_gate_up_E2IH, w_down_EHI, weights_MR):  # inference: no graph node
+        y_NH, _, _ = _forward(x_MH.contiguous(), buckets, w_gate_up_E2IH, w_down_EHI, False)
+        return gather_sum(y_NH, buckets.slot_of_row_MR, weights_MR.float().contiguous(), out_dtype)
     return _ExpertMLPCombine.apply(
         x_MH.contiguous(), w_gate_up_E2IH, w_down_EHI, weights_MR,
         buckets.row_of_slot_N, buckets.slot_of_row_MR, buckets.offsets_E1, out_dtype,

@@ -34,7 +34,7 @@ def eager_ms(fn, calls: int) -> float:  # type: ignore[no-untyped-def]
     return (time.perf_counter() - start) * 1e3 / calls
 
 
-def top_functions(fn, calls: int, limit: int) -> str:  # type: ignore[no-untyped-def]
+def top_functions(fn, calls: int, limit: int, sort: str = "tottime") -> str:  # type: ignore[no-untyped-def]
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(calls):
@@ -42,11 +42,11 @@ def top_functions(fn, calls: int, limit: int) -> str:  # type: ignore[no-untyped
     torch.cuda.synchronize()
     profiler.disable()
     out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(limit)
+    pstats.Stats(profiler, stream=out).sort_stats(sort).print_stats(limit)
     return out.getvalue()
 
 
-def profile(T: int, shape: str, calls: int, limit: int) -> dict:
+def profile(T: int, shape: str, calls: int, limit: int, sort: str = "tottime") -> dict:
     cfg = mr.MoEConfig(**SHAPES[shape])
     torch.manual_seed(0)
     layer = mr.MoE(cfg, backend="triton", device="cuda", dtype=torch.bfloat16)
@@ -64,7 +64,7 @@ def profile(T: int, shape: str, calls: int, limit: int) -> dict:
             fwd()
             res["forward_graph_ms"] = graph_ms(fwd)
             res["forward_eager_ms"] = eager_ms(fwd, calls)
-            res["forward_profile"] = top_functions(fwd, calls, limit)
+            res["forward_profile"] = top_functions(fwd, calls, limit, sort)
         xg = x.clone().requires_grad_()
 
         def fwd_bwd() -> None:
@@ -72,7 +72,7 @@ def profile(T: int, shape: str, calls: int, limit: int) -> dict:
 
         fwd_bwd()
         res["fwd_bwd_eager_ms"] = eager_ms(fwd_bwd, calls)
-        res["fwd_bwd_profile"] = top_functions(fwd_bwd, calls, limit)
+        res["fwd_bwd_profile"] = top_functions(fwd_bwd, calls, limit, sort)
     print(
         f"{shape} T={T}: forward {res['forward_graph_ms']:.3f} ms in a graph, {res['forward_eager_ms']:.3f} eager"
     )
@@ -94,6 +94,7 @@ def main() -> int:
         default=None,
         help="slots up to which dispatch is one launch (tuning; default: the library's SMALL_N)",
     )
+    parser.add_argument("--sort", default="tottime", choices=["tottime", "cumulative"], help="profile order")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.dispatch_small_n is not None:
@@ -101,7 +102,9 @@ def main() -> int:
 
         dispatch.SMALL_N = args.dispatch_small_n
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    out["runs"] = [profile(int(t), args.shape, args.calls, args.limit) for t in args.tokens.split(",")]
+    out["runs"] = [
+        profile(int(t), args.shape, args.calls, args.limit, args.sort) for t in args.tokens.split(",")
+    ]
     if args.json:
         with open(args.json + ".tmp", "w") as f:
             json.dump(out, f, indent=1)

@@ -126,14 +126,15 @@ def profile(T: int, shape: str, sweeps: list[str] | None) -> dict:
         lambda: graph_bench([lambda: route.route_fwd(logits, cfg, ids, None)]),
         st,
     )
-    for block_t in (4, 8, 16, 32):
-        for warps in (1, 2, 4, 8):
-            tiles = {"BLOCK_T": block_t, "num_warps": warps}
-            safe(
-                f"route_kernel_forced {tiles} (graph)",
-                lambda t=tiles: graph_bench([lambda: route.route_fwd(logits, cfg, ids, None, tiles=t)]),
-                st,
-            )
+    for label, forced in (("route_kernel", None), ("route_kernel_forced", ids)):
+        for block_t in (4, 8, 16, 32):
+            for warps in (1, 2, 4, 8):
+                tiles = {"BLOCK_T": block_t, "num_warps": warps}
+                safe(
+                    f"{label} {tiles} (graph)",
+                    lambda t=tiles, f=forced: graph_bench([lambda: route.route_fwd(logits, cfg, f, None, tiles=t)]),
+                    st,
+                )
     safe("torch_softmax_topk", lambda: bench(lambda: torch.softmax(logits, -1).topk(K)), st)
     safe("dispatch (graph)", lambda: graph_bench([lambda: dispatch.dispatch(ids, E)]), st)
     safe(

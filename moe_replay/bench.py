@@ -350,10 +350,13 @@ def bench_routing_kernel(T: int = 4096, shape: str = "qwen3-30b-a3b") -> dict:
     logits = torch.randn(T, cfg.num_experts, device="cuda")
     bias = torch.randn(cfg.num_experts, device="cuda") * 0.01 if cfg.score_bias else None
     out = {"shape": shape, "tokens": T}
-    for backend in ("triton", "torch"):
-        fn = lambda: mr.route(logits, cfg, bias=bias, backend=backend)  # noqa: B023
+    gen = torch.Generator().manual_seed(0)
+    forced = make_ids(T, cfg.num_experts, cfg.top_k, "uniform", gen).cuda()  # replay: every slot forced
+    cases = (("triton", "triton", None), ("triton_forced", "triton", forced), ("torch", "torch", None))
+    for name, backend, ids in cases:
+        fn = lambda: mr.route(logits, cfg, ids, bias=bias, validate=False, backend=backend)  # noqa: B023
         fn()
-        out[f"{backend}_us"] = 1e3 * triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+        out[f"{name}_us"] = 1e3 * triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
     return out
 
 

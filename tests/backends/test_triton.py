@@ -67,14 +67,21 @@ ROUTE_CASES = [
 
 
 @pytest.mark.parametrize("E,K,extra", ROUTE_CASES)
-@pytest.mark.parametrize("forced", [False, True])
-def test_route_matches_reference(E: int, K: int, extra: dict, forced: bool) -> None:
+# forced: none; half the slots; every slot (replay: blocks skip selection); free slots only in the
+# last rows (one row block selects, the others skip)
+@pytest.mark.parametrize("forced", ["none", "partial", "full", "last rows free"])
+def test_route_matches_reference(E: int, K: int, extra: dict, forced: str) -> None:
     gen = torch.Generator().manual_seed(E * 100 + K)
     cfg = mr.MoEConfig(num_experts=E, top_k=K, hidden_size=4, intermediate_size=4, **extra)
     T = 37  # not a multiple of the kernel's row block
     logits = torch.randn(T, E, generator=gen).to(DEVICE).requires_grad_()
     bias = (torch.randn(E, generator=gen) * 0.1).to(DEVICE) if cfg.score_bias else None
-    forced_ids = random_forced(T, E, K, gen).to(DEVICE) if forced else None
+    forced_ids = None
+    if forced != "none":
+        forced_ids = random_forced(T, E, K, gen, free=0.5 if forced == "partial" else 0.0)
+        if forced == "last rows free":
+            forced_ids[-3:, -1] = -1
+        forced_ids = forced_ids.to(DEVICE)
     got = mr.route(logits, cfg, forced_ids, bias, backend="triton")
     want = mr.route(logits, cfg, forced_ids, bias, backend="torch")
     assert got.expert_ids.dtype == torch.int32
@@ -84,6 +91,32 @@ def test_route_matches_reference(E: int, K: int, extra: dict, forced: bool) -> N
     (g_got,) = torch.autograd.grad((got.weights * upstream).sum(), logits)
     (g_want,) = torch.autograd.grad((want.weights * upstream).sum(), logits)
     torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "E,K,extra", [(8, 3, {}), (33, 5, {"score_bias": True}), (16, 4, {"scoring": "sigmoid"})]
+)
+@pytest.mark.parametrize("forced", [False, True])
+def test_route_ties_signed_zeros_and_infinities(E: int, K: int, extra: dict, forced: bool) -> None:
+    """Selection order on repeated values, -0.0 against +0.0 and -inf logits: ties go to the lower
+    expert index, as in the reference (the kernel ranks packed integer keys, not floats)."""
+    gen = torch.Generator().manual_seed(E + K)
+    cfg = mr.MoEConfig(num_experts=E, top_k=K, hidden_size=4, intermediate_size=4, **extra)
+    T = 41
+    logits = torch.randint(-2, 3, (T, E), generator=gen).float() / 2  # few distinct values
+    logits[torch.rand(T, E, generator=gen) < 0.2] = -0.0
+    logits[torch.rand(T, E, generator=gen) < 0.1] = float("-inf")
+    logits[0] = float("-inf")  # a row of -inf only: K distinct experts all the same
+    logits[1, : E // 2] = -0.0
+    logits[1, E // 2 :] = 0.0
+    logits = logits.to(DEVICE)
+    bias = torch.zeros(E, device=DEVICE) if cfg.score_bias else None
+    forced_ids = random_forced(T, E, K, gen).to(DEVICE) if forced else None
+    got = mr.route(logits, cfg, forced_ids, bias, backend="triton")
+    want = mr.route(logits, cfg, forced_ids, bias, backend="torch")
+    assert torch.equal(got.expert_ids, want.expert_ids)
+    assert (got.expert_ids.sort(1).values.diff(dim=1) > 0).all()  # distinct in every row
+    torch.testing.assert_close(got.weights, want.weights, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 def test_route_zero_tokens_and_underflow() -> None:

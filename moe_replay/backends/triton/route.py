@@ -17,11 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_replay.backends.triton._common import pow2
+from moe_replay.backends.triton._common import needs_autograd, pow2
 from moe_replay.config import MoEConfig
 from moe_replay.routing.route import Routing
 
-_NEG_INF = float("-inf")
+_KNOCKED_OUT = tl.constexpr(-(2**63) + 1)  # below every packed selection key (route forward)
 
 
 @triton.jit
@@ -42,6 +42,7 @@ def _route_fwd_kernel(
     NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_FORCED: tl.constexpr,
+    LOGIT_IN_KEY: tl.constexpr,
     N_GROUP: tl.constexpr,
     TOPK_GROUP: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
@@ -62,8 +63,10 @@ def _route_fwd_kernel(
     if SIGMOID:
         scores = tl.sigmoid(logits)
     else:
-        exps = tl.exp(logits - tl.max(logits, 1)[:, None])
-        scores = exps / tl.sum(exps, 1)[:, None]
+        row_max = tl.max(logits, 1)
+        exps = tl.exp(logits - row_max[:, None])
+        row_sum = tl.sum(exps, 1)
+        scores = exps / row_sum[:, None]
     scores = tl.where(col_ok[None, :], scores, 0.0)
 
     if HAS_BIAS:
@@ -95,41 +98,43 @@ def _route_fwd_kernel(
             group_score = tl.where(in_best, float("-inf"), group_score)
         rank = tl.where(keep, rank, float("-inf"))
 
+    # Top-k over packed int64 keys: the rank's order-preserving int32 image in the high word, the
+    # reversed column in the low word, so keys are distinct, the largest is the best expert and,
+    # among equal ranks, the lower column wins. -0.0 ranks as +0.0 (a tie); a knocked-out key sorts
+    # below every real one, -inf included. ``tl.topk`` (a bitonic network) returns the K_PAD best
+    # in descending order, the padding slots past K being the next best (never stored).
+    rank = tl.where(rank == 0.0, 0.0, rank)
+    bits = rank.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = (ordered.to(tl.int64) << 32) | (E_PAD - 1 - cols)[None, :].to(tl.int64)
+    slot_ok = row_ok[:, None] & (k_cols < K)[None, :]
     if HAS_FORCED:
         # One load of the [BLOCK_T, K] tile: per-slot loads inside the loops below would each wait
         # on global memory (8 us of a 61 us decode step at top-8, H100).
-        forced = tl.load(
-            forced_ptr + rows64[:, None] * K + k_cols[None, :],
-            mask=row_ok[:, None] & (k_cols < K)[None, :],
-            other=-1,
+        forced = tl.load(forced_ptr + rows64[:, None] * K + k_cols[None, :], mask=slot_ok, other=-1)
+        forced = tl.where((forced >= 0) & (forced < E), forced, -1)  # validate=False: out of range is free
+        ids = forced
+        free = slot_ok & (forced < 0)
+        # Replay usually forces every slot; then the block skips selection altogether.
+        if tl.sum(free.to(tl.int32)) > 0:
+            for j in range(K):  # forced experts are not the router's to pick again
+                f = tl.sum(tl.where(k_cols[None, :] == j, forced, 0), 1)
+                key = tl.where(cols[None, :] == f[:, None], _KNOCKED_OUT, key)
+            best_ids = E_PAD - 1 - (tl.topk(key, K_PAD, dim=1) & (E_PAD - 1)).to(tl.int32)
+            # The n-th free slot of a row takes the row's n-th best expert.
+            nth = tl.cumsum(free.to(tl.int32), 1) - free.to(tl.int32)
+            at = nth[:, :, None] == k_cols[None, None, :]
+            ids = tl.where(free, tl.sum(tl.where(at, best_ids[:, None, :], 0), 2), forced)
+    else:
+        best_keys = tl.topk(key, K_PAD, dim=1)
+        ids = E_PAD - 1 - (best_keys & (E_PAD - 1)).to(tl.int32)
+    if LOGIT_IN_KEY:  # no bias, groups or forced ids: the keys hold the chosen logits themselves
+        high = (best_keys >> 32).to(tl.int32)
+        picked_logits = tl.where(high >= 0, high, high ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    else:  # one gather from the tile just read (cached)
+        picked_logits = tl.load(logits_ptr + rows64[:, None] * E + ids, mask=slot_ok, other=0.0).to(
+            tl.float32
         )
-        forced = tl.where(
-            (forced >= 0) & (forced < E), forced, -1
-        )  # validate=False: out of range acts as free
-        for j in range(K):
-            f = tl.sum(tl.where(k_cols[None, :] == j, forced, 0), 1)
-            rank = tl.where(cols[None, :] == f[:, None], float("-inf"), rank)
-
-    ids = tl.zeros([BLOCK_T, K_PAD], tl.int32)
-    picked_logits = tl.zeros([BLOCK_T, K_PAD], tl.float32)
-    picked_scores = tl.zeros([BLOCK_T, K_PAD], tl.float32)
-    for j in range(K):
-        top = tl.max(rank, 1)
-        pick = tl.min(tl.where(rank == top[:, None], cols[None, :], E_PAD), 1)
-        if HAS_FORCED:
-            f = tl.sum(tl.where(k_cols[None, :] == j, forced, 0), 1)
-            f_ok = f >= 0
-            chosen = tl.where(f_ok, f, pick)
-            consumed = (~f_ok)[:, None] & (cols[None, :] == pick[:, None])
-        else:
-            chosen = pick
-            consumed = cols[None, :] == pick[:, None]
-        rank = tl.where(consumed, float("-inf"), rank)
-        at = cols[None, :] == chosen[:, None]
-        slot = k_cols[None, :] == j
-        ids = tl.where(slot, chosen[:, None], ids)
-        picked_logits = tl.where(slot, tl.sum(tl.where(at, logits, 0.0), 1)[:, None], picked_logits)
-        picked_scores = tl.where(slot, tl.sum(tl.where(at, scores, 0.0), 1)[:, None], picked_scores)
 
     k_ok = k_cols < K
     if NORM:
@@ -142,8 +147,8 @@ def _route_fwd_kernel(
         weights = ez / tl.sum(ez, 1)[:, None]
     elif SIGMOID:
         weights = tl.sigmoid(picked_logits)
-    else:
-        weights = picked_scores
+    else:  # the softmax at the chosen logits, as the scores above computed it
+        weights = tl.exp(picked_logits - row_max[:, None]) / row_sum[:, None]
     weights = weights * scale
 
     out = rows64[:, None] * K + k_cols[None, :]
@@ -262,7 +267,9 @@ def route_fwd(
     bias = bias_E.float().contiguous() if bias_E is not None else logits_TE
     _route_fwd_kernel[(triton.cdiv(T, tiles["BLOCK_T"]),)](
         logits_TE, bias, forced, ids_TK, weights_TK, T, E, float(cfg.routed_scaling_factor),
-        HAS_BIAS=bias_E is not None, HAS_FORCED=forced_TK is not None, **shared, **groups, **tiles,
+        HAS_BIAS=bias_E is not None, HAS_FORCED=forced_TK is not None,
+        LOGIT_IN_KEY=bias_E is None and forced_TK is None and groups["N_GROUP"] == 1,
+        **shared, **groups, **tiles,
     )  # fmt: skip
     return ids_TK, weights_TK
 
@@ -301,5 +308,9 @@ class _Route(torch.autograd.Function):
 def route(
     logits_TE: torch.Tensor, cfg: MoEConfig, forced_TK: torch.Tensor | None, bias_E: torch.Tensor | None
 ) -> Routing:
-    ids_TK, weights_TK = _Route.apply(logits_TE.float().contiguous(), forced_TK, bias_E, cfg)
+    logits_TE = logits_TE.float().contiguous()
+    if needs_autograd(logits_TE):
+        ids_TK, weights_TK = _Route.apply(logits_TE, forced_TK, bias_E, cfg)
+    else:
+        ids_TK, weights_TK = route_fwd(logits_TE, cfg, forced_TK, bias_E)
     return Routing(ids_TK, weights_TK)

@@ -343,6 +343,29 @@ def test_layer_zero_tokens_and_3d_input() -> None:
     assert rel(tri(x), ref(x)) < TOL[torch.float32]
 
 
+def test_layer_without_gradients_records_no_graph_and_computes_the_same() -> None:
+    """Without gradients the stages skip their autograd Functions (host time): same outputs."""
+    torch.manual_seed(0)
+    cfg = mr.MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=32)
+    tri = mr.MoE(cfg, backend="triton", device=DEVICE)
+    x = torch.randn(9, 16, device=DEVICE)
+    with_graph, routing = tri(x, return_routing=True)
+    assert with_graph.grad_fn is not None and routing.weights.grad_fn is not None
+    with torch.no_grad():
+        plain, plain_routing = tri(x, return_routing=True)
+    assert plain.grad_fn is None and plain_routing.weights.grad_fn is None
+    assert torch.equal(plain, with_graph.detach()) and torch.equal(
+        plain_routing.expert_ids, routing.expert_ids
+    )
+    experts_only = TRITON.expert_mlp(
+        x,
+        TRITON.dispatch(routing.expert_ids, 6),
+        tri.experts.gate_up_proj.detach(),
+        tri.experts.down_proj.detach(),
+    )
+    assert experts_only.grad_fn is None and experts_only.shape == (9 * 2, 16)
+
+
 def test_expert_mlp_idle_experts_get_zero_gradient() -> None:
     torch.manual_seed(0)
     E, H, I = 5, 16, 32

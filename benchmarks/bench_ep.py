@@ -103,6 +103,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "rank 0 prints its table)",
     )
     p.add_argument(
+        "--a2a-only",
+        action="store_true",
+        help="with --profile: skip the profiler, only time the bare token all-to-all (to compare NCCL "
+        "settings, e.g. NCCL_P2P_USE_CUDA_MEMCPY or NCCL_MIN_P2P_NCHANNELS, run by run)",
+    )
+    p.add_argument(
         "--trace-dir",
         default=None,
         help="with --profile: every rank writes its Chrome trace there (trace_rank<r>.json.gz)",
@@ -505,6 +511,9 @@ def run_profile(T: int, args: argparse.Namespace, device: torch.device) -> None:
             model(x).sum().backward()
         dist.barrier()
         sync(device)
+        if args.a2a_only:
+            time_token_all_to_all(layer.ep.dispatcher.last_send_rows, cfg, dtype, device, args)
+            return
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(2):
                 with torch.no_grad():
@@ -550,6 +559,8 @@ def time_token_all_to_all(
     remote = sum(n for r, n in enumerate(send_rows) if r != rank) * cfg.hidden_size * x.element_size()
     gathered = [None] * world
     dist.all_gather_object(gathered, (ms, remote / ms / 1e6, list(send_rows)))
+    settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")}
+    say(f"token all-to-all alone, NCCL settings {settings}")
     for r, (ms_r, gbps, rows) in enumerate(gathered):
         say(
             f"token all-to-all alone, rank {r}: {ms_r:.3f} ms, {gbps:.0f} GB/s sent to other ranks, rows {rows}"
@@ -573,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "moe_replay_backend": get_backend(args.backend, device).name,
         "nccl": _nccl_version() if device.type == "cuda" else None,
+        "nccl_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")},
         "efficiency": "time_1gpu(T) / time_ep(T per rank): median over ranks of the 1gpu medians "
         "over the max over ranks of the EP medians",
         "fwd": "under torch.no_grad()",

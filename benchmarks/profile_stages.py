@@ -132,7 +132,9 @@ def profile(T: int, shape: str, sweeps: list[str] | None) -> dict:
                 tiles = {"BLOCK_T": block_t, "num_warps": warps}
                 safe(
                     f"{label} {tiles} (graph)",
-                    lambda t=tiles, f=forced: graph_bench([lambda: route.route_fwd(logits, cfg, f, None, tiles=t)]),
+                    lambda t=tiles, f=forced: graph_bench(
+                        [lambda: route.route_fwd(logits, cfg, f, None, tiles=t)]
+                    ),
                     st,
                 )
     safe("torch_softmax_topk", lambda: bench(lambda: torch.softmax(logits, -1).topk(K)), st)

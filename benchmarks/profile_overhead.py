@@ -94,6 +94,12 @@ def main() -> int:
         default=None,
         help="slots up to which dispatch is one launch (tuning; default: the library's SMALL_N)",
     )
+    parser.add_argument(
+        "--fused-scan-blocks",
+        type=int,
+        default=None,
+        help="blocks up to which dispatch is two launches (tuning; default: the library's FUSED_SCAN_BLOCKS)",
+    )
     parser.add_argument("--sort", default="tottime", choices=["tottime", "cumulative"], help="profile order")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -101,6 +107,10 @@ def main() -> int:
         from moe_replay.backends.triton import dispatch
 
         dispatch.SMALL_N = args.dispatch_small_n
+    if args.fused_scan_blocks is not None:
+        from moe_replay.backends.triton import dispatch
+
+        dispatch.FUSED_SCAN_BLOCKS = args.fused_scan_blocks
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     out["runs"] = [
         profile(int(t), args.shape, args.calls, args.limit, args.sort) for t in args.tokens.split(",")

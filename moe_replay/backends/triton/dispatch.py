@@ -103,6 +103,20 @@ def _store_slots(slot_of_row_ptr, row_of_slot_ptr, slots, sorted_pos, ok, N, R, 
 
 
 @triton.jit
+def _rank_in_block(ids, local):
+    """Each slot's count of earlier slots of its block with the same expert (a BLOCK x BLOCK
+    comparison): its offset within the block's run of that expert."""
+    earlier_same = (ids[:, None] == ids[None, :]) & (local[None, :] < local[:, None])
+    return tl.sum(earlier_same.to(tl.int32), 1)
+
+
+@triton.jit
+def _at_expert(values_E, ids, experts):
+    """``values_E[ids]`` for a per-expert vector held in registers (a one-hot sum)."""
+    return tl.sum(tl.where(ids[:, None] == experts[None, :], values_E[None, :], 0), 1)
+
+
+@triton.jit
 def _scatter_kernel(
     ids_ptr, lut_ptr, base_ptr, row_of_slot_ptr, slot_of_row_ptr, N, R, E,
     FROM_META: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr,
@@ -111,9 +125,7 @@ def _scatter_kernel(
     local = tl.arange(0, BLOCK)
     slots = block * BLOCK + local
     ids, ok = _load_ids(ids_ptr, lut_ptr, slots, N, E, R, FROM_META)
-    earlier_same = (ids[:, None] == ids[None, :]) & (local[None, :] < local[:, None])
-    rank = tl.sum(earlier_same.to(tl.int32), 1)
-    sorted_pos = tl.load(base_ptr + block * E_PAD + ids, mask=ok, other=0) + rank
+    sorted_pos = tl.load(base_ptr + block * E_PAD + ids, mask=ok, other=0) + _rank_in_block(ids, local)
     _store_slots(slot_of_row_ptr, row_of_slot_ptr, slots, sorted_pos, ok, N, R, FROM_META)
 
 
@@ -143,10 +155,7 @@ def _scan_scatter_kernel(
     local = tl.arange(0, BLOCK)
     slots = block * BLOCK + local
     ids, ok = _load_ids(ids_ptr, lut_ptr, slots, N, E, R, FROM_META)
-    earlier_same = (ids[:, None] == ids[None, :]) & (local[None, :] < local[:, None])
-    sorted_pos = tl.sum(tl.where(ids[:, None] == experts[None, :], base[None, :], 0), 1) + tl.sum(
-        earlier_same.to(tl.int32), 1
-    )
+    sorted_pos = _at_expert(base, ids, experts) + _rank_in_block(ids, local)
     _store_slots(slot_of_row_ptr, row_of_slot_ptr, slots, sorted_pos, ok, N, R, FROM_META)
 
 
@@ -168,11 +177,7 @@ def _dispatch_small_kernel(
     for start in range(0, N, BLOCK):
         slots = start + local
         ids, ok = _load_ids(ids_ptr, lut_ptr, slots, N, E, R, FROM_META)
-        one_hot = ids[:, None] == experts[None, :]
-        earlier_same = (ids[:, None] == ids[None, :]) & (local[None, :] < local[:, None])
-        sorted_pos = tl.sum(tl.where(one_hot, next_slot[None, :], 0), 1) + tl.sum(
-            earlier_same.to(tl.int32), 1
-        )
+        sorted_pos = _at_expert(next_slot, ids, experts) + _rank_in_block(ids, local)
         _store_slots(slot_of_row_ptr, row_of_slot_ptr, slots, sorted_pos, ok, N, R, FROM_META)
         next_slot += tl.histogram(ids, E_PAD, mask=ok)
 

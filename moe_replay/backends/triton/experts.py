@@ -53,7 +53,7 @@ from moe_replay.backends.triton._common import (
     pow2,
 )
 from moe_replay.backends.triton.combine import gather_sum
-from moe_replay.backends.triton.swiglu import swiglu_bwd, swiglu_grad
+from moe_replay.backends.triton.swiglu import swiglu_bwd, swiglu_grad, swiglu_weigh
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -191,13 +191,11 @@ def _grouped_linear_kernel(
                 # acc is dy @ W_down for the unweighted gradient of the row's token: its dot with
                 # h is this tile's share of d(gate weight); then the row's gate weight scales it,
                 # and h * weight is stored for d down_proj = sum over rows of dy^T (weight h).
-                h = g * tl.sigmoid(g) * u
-                partial = tl.sum(acc * h, 1)
-                tl.store(dscale_ptr + rows64 * num_n + pid_n, partial, mask=row_ok)
                 row_w = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
-                acc = acc * row_w
-                hw = hw_ptr + rows64[:, None] * N_OUT + cols[None, :]
-                tl.store(hw, (h * row_w).to(hw_ptr.dtype.element_ty), mask=out_ok)
+                partial, acc, hw = swiglu_weigh(acc, g, u, row_w)
+                tl.store(dscale_ptr + rows64 * num_n + pid_n, partial, mask=row_ok)
+                hw_out = hw_ptr + rows64[:, None] * N_OUT + cols[None, :]
+                tl.store(hw_out, hw.to(hw_ptr.dtype.element_ty), mask=out_ok)
             dg, du = swiglu_grad(acc, g, u)
             dgu = out_ptr + rows64[:, None] * (2 * N_OUT) + cols[None, :]
             tl.store(dgu, dg.to(out_ptr.dtype.element_ty), mask=out_ok)

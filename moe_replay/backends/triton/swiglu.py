@@ -33,6 +33,15 @@ def swiglu_grad(dh, g, u):
     return dh * u * s * (1.0 + g * (1.0 - s)), dh * g * s
 
 
+@triton.jit
+def swiglu_weigh(dh, g, u, w):
+    """For rows weighted by ``w`` (``[rows, 1]``) in the forward: ``(<dh, h>`` per row, the row's
+    share of d(gate weight); ``w * dh``, the gradient the SwiGLU backward then takes; ``w * h``,
+    what d down_proj multiplies``)``, with ``h = silu(g) * u`` (float32 tiles)."""
+    h = g * tl.sigmoid(g) * u
+    return tl.sum(dh * h, 1), dh * w, h * w
+
+
 # fmt: off
 @triton.jit
 def _swiglu_bwd_kernel(
@@ -53,10 +62,9 @@ def _swiglu_bwd_kernel(
         g = tl.load(gu, mask=ok, other=0.0).to(tl.float32)
         u = tl.load(gu + I, mask=ok, other=0.0).to(tl.float32)
         if WEIGHTED:
-            h = g * tl.sigmoid(g) * u
-            dot += tl.sum(dh * h, 1)
-            tl.store(hw_ptr + rows64[:, None] * I + cols[None, :], (h * w).to(hw_ptr.dtype.element_ty), mask=ok)
-            dh = dh * w
+            part, dh, hw = swiglu_weigh(dh, g, u, w)
+            dot += part
+            tl.store(hw_ptr + rows64[:, None] * I + cols[None, :], hw.to(hw_ptr.dtype.element_ty), mask=ok)
         dg, du = swiglu_grad(dh, g, u)
         dgu = dgu_ptr + rows64[:, None] * (2 * I) + cols[None, :]
         tl.store(dgu, dg.to(dgu_ptr.dtype.element_ty), mask=ok)

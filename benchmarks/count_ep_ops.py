@@ -27,7 +27,8 @@ rank's tokens is the baseline. Columns:
 A CPU proxy for the GPU's count: the CPU's elementwise ops add a cast copy for inputs of mixed
 dtypes, which CUDA kernels do on load (reductions, scans and index ops cast on both); reductions'
 output fills on the CPU are left out. Counts do not depend on sizes, except the Triton dispatch:
-one launch up to 1024 slots, three and two fills above (``--tokens 512`` shows that path).
+one launch up to 1024 slots, two up to 128 blocks of 128 slots, three and a fill above
+(``--tokens 512`` shows the two-launch path).
 Host syncs (``.tolist()``) leave no trace on the CPU; read them off the code.
 """
 

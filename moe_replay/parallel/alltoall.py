@@ -214,7 +214,7 @@ class AllToAllDispatcher:
         copy on its way to pinned host memory, so that the host waits for the counts, not for
         the work queued after them."""
         sent_WC3, received_WC3 = buffer_2WC3.unbind(0)
-        all_to_all_ints(sent_WC3, self.group, out=received_WC3)
+        all_to_all_ints(sent_WC3, received_WC3, self.group)
         if not buffer_2WC3.is_cuda:
             return buffer_2WC3
         host_2WC3.copy_(buffer_2WC3, non_blocking=True)

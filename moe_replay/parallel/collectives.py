@@ -286,16 +286,11 @@ def start_all_to_all_rows(
     return flight
 
 
-def all_to_all_ints(
-    message_WX: torch.Tensor, group: ProcessGroup, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Metadata (counts, flags) from every rank: row r of ``message_WX`` goes to rank r, row r of
-    the result came from rank r. Not differentiable. ``out`` (``[W, *X]``, contiguous, may be a
-    view of a larger buffer) receives the rows instead of a new tensor."""
-    if out is None:
-        out = torch.empty_like(message_WX)
-    dist.all_to_all_single(out, message_WX.contiguous(), group=group)
-    return out
+def all_to_all_ints(message_WX: torch.Tensor, out_WX: torch.Tensor, group: ProcessGroup) -> None:
+    """Metadata (counts, flags) from every rank: row r of ``message_WX`` goes to rank r, and row r
+    of ``out_WX`` (contiguous, may be a view of a larger, reused buffer) receives rank r's. Not
+    differentiable."""
+    dist.all_to_all_single(out_WX, message_WX.contiguous(), group=group)
 
 
 def input_needs_grad(x: torch.Tensor) -> bool:

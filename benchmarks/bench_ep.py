@@ -113,6 +113,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="with --profile: every rank writes its Chrome trace there (trace_rank<r>.json.gz)",
     )
+    p.add_argument(
+        "--nccl-priority",
+        choices=("high", "normal"),
+        default="high",
+        help="the NCCL streams' priority (ProcessGroupNCCL.Options.is_high_priority_stream); high lets "
+        "an all-to-all overlap a GEMM that fills the GPU",
+    )
     p.add_argument("--timeout-s", type=int, default=300, help="collective timeout: a hung rank fails")
     p.add_argument("--json", default=None, help="where rank 0 writes the results")
     args = p.parse_args(argv)
@@ -139,8 +146,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(device_type: str, timeout_s: int) -> torch.device:
-    """Join the torchrun world (or a world of one without torchrun); this rank's device."""
+def init_distributed(device_type: str, timeout_s: int, high_priority: bool = False) -> torch.device:
+    """Join the torchrun world (or a world of one without torchrun); this rank's device.
+    ``high_priority``: NCCL runs its kernels on a high-priority stream, so that an all-to-all
+    started while a GEMM fills the GPU gets SMs as the GEMM's blocks retire, not after them."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ["MASTER_PORT"] = str(_free_port())
@@ -150,7 +159,10 @@ def init_distributed(device_type: str, timeout_s: int) -> torch.device:
             raise SystemExit("--device cuda: no CUDA device here; use --device cpu --small for a CPU run")
         local = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl", timeout=timeout)
+        options = dist.ProcessGroupNCCL.Options()
+        options.is_high_priority_stream = high_priority
+        options._timeout = timeout
+        dist.init_process_group("nccl", timeout=timeout, pg_options=options)
         return torch.device("cuda", local)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
     dist.init_process_group("gloo", timeout=timeout)
@@ -572,7 +584,7 @@ def time_token_all_to_all(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = init_distributed(args.device, args.timeout_s)
+    device = init_distributed(args.device, args.timeout_s, args.nccl_priority == "high")
     meta = {
         "script": "benchmarks/bench_ep.py",
         "argv": sys.argv[1:] if argv is None else argv,
@@ -585,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         "moe_replay_backend": get_backend(args.backend, device).name,
         "nccl": _nccl_version() if device.type == "cuda" else None,
         "nccl_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")},
+        "nccl_priority": args.nccl_priority,
+        "moe_replay_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MOE_REPLAY_")},
         "efficiency": "time_1gpu(T) / time_ep(T per rank): median over ranks of the 1gpu medians "
         "over the max over ranks of the EP medians",
         "fwd": "under torch.no_grad()",

@@ -21,6 +21,7 @@ Expert parallelism runs the same stages with ``permute_rows`` and collectives in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
     from moe_replay.config import MoEConfig
     from moe_replay.quantize import QuantizedWeight
     from moe_replay.routing.route import Routing
+
+
+InputGradsHook = Callable[[torch.Tensor | None, torch.Tensor | None], int]
+"""``on_input_grads`` of :meth:`Backend.expert_mlp_combine`: ``(dx_MH, dweights_MR) -> SMs busy``."""
 
 
 @dataclass(frozen=True)
@@ -185,12 +190,29 @@ class Backend(ABC):
         w_down_EHI: torch.Tensor,
         weights_MR: torch.Tensor,
         out_dtype: torch.dtype,
+        on_input_grads: InputGradsHook | None = None,
     ) -> torch.Tensor:
         """``combine(expert_mlp(x_MH, ...), ...)``: the local layer's path, which a backend may fuse
         (the triton backend's backward then never materialises the routed rows' gradient). ``-1``
-        slots as in ``combine``: the expert-parallel receiver runs it on such buckets."""
+        slots as in ``combine``: the expert-parallel receiver runs it on such buckets.
+
+        ``on_input_grads(dx_MH, dweights_MR) -> busy_sms``: a backend whose backward can finish
+        the gradients of ``x_MH`` and ``weights_MR`` before the experts' weight gradients calls it
+        once with them (None for one that needs none), from inside the backward, and returns the
+        same tensors to autograd. The expert-parallel dispatcher starts their all-to-all there, so
+        that it travels while the weight-gradient GEMMs run, and returns how many SMs its kernel
+        may occupy meanwhile (0 for none), which the backend's next GEMM leaves free. Here (plain
+        autograd ops) there is no such point, and it is not called."""
         y_NH = self.expert_mlp(x_MH, buckets, w_gate_up_E2IH, w_down_EHI)
         return self.combine(y_NH, buckets, weights_MR, out_dtype)
+
+    def prepare_backward(self, grad_fn: object) -> None:
+        """Queue the work of the backward of ``grad_fn`` (the autograd node of an
+        ``expert_mlp_combine`` output) that needs no output gradient, for that backward to use.
+        The expert-parallel dispatcher calls it in the backward while the output gradient is in
+        flight, so that the work overlaps the transfer. Here, and for nodes a backend does not
+        know: nothing."""
+        return None
 
     @abstractmethod
     def permute_rows(self, x_MH: torch.Tensor, buckets: ExpertBuckets) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_replay.backends.base import Backend, ExpertBuckets
+from moe_replay.backends.base import Backend, ExpertBuckets, InputGradsHook
 from moe_replay.backends.registry import get_backend, registered_backends
 from moe_replay.config import MoEConfig
 from moe_replay.parallel.expert_parallel import setup_expert_parallel
@@ -102,10 +102,12 @@ class Experts(nn.Module):
         weights_MR: torch.Tensor,
         backend: Backend,
         out_dtype: torch.dtype,
+        on_input_grads: InputGradsHook | None = None,
     ) -> torch.Tensor:
-        """The rows combined per token, ``y_MH``, through the backend's fused path."""
+        """The rows combined per token, ``y_MH``, through the backend's fused path
+        (``on_input_grads``: see ``Backend.expert_mlp_combine``)."""
         return backend.expert_mlp_combine(
-            x_MH, buckets, self.gate_up_proj, self.down_proj, weights_MR, out_dtype
+            x_MH, buckets, self.gate_up_proj, self.down_proj, weights_MR, out_dtype, on_input_grads
         )
 
 

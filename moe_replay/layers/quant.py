@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_replay.backends.base import Backend, ExpertBuckets
+from moe_replay.backends.base import Backend, ExpertBuckets, InputGradsHook
 from moe_replay.layers.moe import MoE, MoELayer
 from moe_replay.parallel.state import keep_local_experts
 from moe_replay.quantize import WEIGHT_DTYPES, QuantizedWeight, quantize_weight
@@ -66,8 +66,10 @@ class QuantExperts(nn.Module):
         weights_MR: torch.Tensor,
         backend: Backend,
         out_dtype: torch.dtype,
+        on_input_grads: InputGradsHook | None = None,
     ) -> torch.Tensor:
-        """The rows combined per token, ``y_MH``."""
+        """The rows combined per token, ``y_MH`` (inference only: ``on_input_grads`` is never
+        called, as there is no backward)."""
         return backend.combine(self(x_MH, buckets, backend), buckets, weights_MR, out_dtype)
 
     def extra_repr(self) -> str:

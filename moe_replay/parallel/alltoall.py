@@ -33,7 +33,16 @@ experts' fused backward on the receiver (token rows, meta: the weights' gradient
 ids, expert weights), the all-to-all forth, ``permute_rows``' backward (sums each token's <= W
 gradient rows of x and of meta, skipping -1 slots: a weight's gradient comes from the one rank
 holding its expert, the others add exact zeros). Expert gradients land on their owner; the
-router's gradient on the origin.
+router's gradient on the origin. The experts' backward computes the rows' gradients first and
+starts the all-to-all forth itself (``RowsInFlight.send_grads_now``, where the backend supports it:
+the Triton one), then computes the expert weights' gradients while the rows travel: about half
+the backward's GEMM work hides one of its two all-to-alls (``MOE_REPLAY_EP_EARLY_GRADS=0`` turns
+this off, for A/B measurements). Before that, while the partials' gradients arrive, the
+receiver queues what its experts' backward needs no gradient for (``Backend.prepare_backward``:
+the Triton backend gathers the x rows that the gate_up weight gradient reads). The first of the
+weight-gradient GEMMs leaves the SMs NCCL's kernel may hold to
+it (``collectives.collective_sms``): the CUTLASS grouped GEMMs are persistent, and a block waiting
+for an SM that the all-to-all holds would hold the whole GEMM back until the transfer ends.
 
 What a call costs, and why it is laid out so. On an H100 node each torch op or Triton launch
 costs the host 20-100 µs, and the sizes where expert parallelism is used are host-bound unless
@@ -73,6 +82,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -83,6 +93,7 @@ from moe_replay.parallel.collectives import (
     align_requires_grad,
     all_to_all_ints,
     check_device,
+    collective_sms,
     input_needs_grad,
     start_all_to_all_rows,
 )
@@ -91,7 +102,7 @@ if TYPE_CHECKING:
     from torch import nn
     from torch.distributed import ProcessGroup
 
-    from moe_replay.backends.base import Backend
+    from moe_replay.backends.base import Backend, InputGradsHook
     from moe_replay.parallel.partition import ExpertPartition
     from moe_replay.routing.route import Routing
 
@@ -100,6 +111,17 @@ CHUNKS = int(os.environ.get("MOE_REPLAY_EP_CHUNKS", "1"))
 one, each chunk's all-to-alls overlap another chunk's experts, forward and backward, at the cost
 of more host work per call (module docstring). Every rank of a group must use the same number
 (it fixes the sequence of collectives)."""
+
+
+EARLY_GRADS = os.environ.get("MOE_REPLAY_EP_EARLY_GRADS", "1") == "1"
+"""Whether the receiver's experts send the token rows' gradients home from inside their backward,
+before the weight-gradient GEMMs, so that the all-to-all overlaps them (module docstring). A
+switch for A/B measurements; results are the same either way."""
+
+
+COMM_SMS = int(os.environ["MOE_REPLAY_EP_COMM_SMS"]) if "MOE_REPLAY_EP_COMM_SMS" in os.environ else None
+"""How many SMs the experts' backward leaves to the all-to-all it overlaps (None: NCCL's cap,
+``collectives.collective_sms``; 0: none). A switch for A/B measurements."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +179,7 @@ class AllToAllDispatcher:
         self.group = group
         self.partition = partition
         self.chunks = chunks
+        self.early_grads = EARLY_GRADS
         W, E, E_loc = partition.world_size, partition.num_experts, partition.num_local
         local_of_expert = [
             e - partition.first if partition.first <= e < partition.end else E_loc for e in range(E)
@@ -175,6 +198,17 @@ class AllToAllDispatcher:
         """Token rows the last call sent to each rank, over all chunks: one per token and rank
         holding at least one of its experts (diagnostics; empty before the first call)."""
         return self._last_send_rows
+
+    def _send_grads_early(self, flight: RowsInFlight, device: torch.device) -> InputGradsHook:
+        """The experts' ``on_input_grads``: start the rows' gradients home, and say how many SMs
+        the all-to-all may hold meanwhile (:data:`COMM_SMS`, else NCCL's cap)."""
+        busy = collective_sms(device) if COMM_SMS is None else COMM_SMS
+
+        def send(dx_MH: torch.Tensor | None, dmeta_MM: torch.Tensor | None) -> int:
+            flight.send_grads_now(dx_MH, dmeta_MM)
+            return busy
+
+        return send
 
     def _constant(self, name: str, device: torch.device) -> torch.Tensor:
         """A constant on ``device``, copied there once (not on every call)."""
@@ -282,9 +316,17 @@ class AllToAllDispatcher:
                 x_MH, meta_MM = flights[c].finish()
                 pairs = counts.recv_pairs[c]
                 buckets = backend.received_buckets(meta_MM, local_of_expert_E, part.num_local, pairs)
-                y_MH = experts.forward_combined(x_MH, buckets, meta_MM, backend, x_TH.dtype)
+                # x_MH and meta_MM have no other differentiable consumer, so the experts' backward
+                # may send their gradients home before it computes the weight gradients.
+                early = self._send_grads_early(flights[c], device) if self.early_grads else None
+                y_MH = experts.forward_combined(x_MH, buckets, meta_MM, backend, x_TH.dtype, early)
+                # In the backward, the experts' prologue (what needs no gradient) runs while the
+                # partials' gradients arrive.
+                prologue = None if y_MH.grad_fn is None else partial(backend.prepare_backward, y_MH.grad_fn)
                 returns.append(
-                    start_all_to_all_rows([y_MH], counts.recv_rows[c], counts.send_rows[c], self.group)
+                    start_all_to_all_rows(
+                        [y_MH], counts.recv_rows[c], counts.send_rows[c], self.group, prologue
+                    )
                 )
 
         with record_function("moe_replay.alltoall.return"):  # origin: each token's partials, float32

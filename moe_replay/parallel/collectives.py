@@ -26,7 +26,8 @@ backward.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -60,6 +61,17 @@ def check_device(group: ProcessGroup, device: torch.device, what: str) -> None:
             f"collectives on {serves[backend]} tensors; use a {serves[backend]} input or a group of "
             f"another backend"
         )
+
+
+def collective_sms(device: torch.device) -> int:
+    """At most how many SMs of ``device`` an NCCL collective's kernel occupies while it runs (0 off
+    CUDA): ``NCCL_MAX_CTAS`` if set, else NCCL's default cap, one block per SM: 32 blocks before
+    compute capability 10 (the all-to-alls here run 32 on an H100), 16 from it (NCCL 2.28)."""
+    if device.type != "cuda":
+        return 0
+    if "NCCL_MAX_CTAS" in os.environ:
+        return int(os.environ["NCCL_MAX_CTAS"])
+    return 32 if torch.cuda.get_device_capability(device)[0] < 10 else 16
 
 
 def all_gather_ints(values: Sequence[int], group: ProcessGroup, device: torch.device) -> list[list[int]]:
@@ -159,7 +171,9 @@ class RowsInFlight:
     GEMMs of another chunk, say); on gloo :meth:`finish` waits on the host. Differentiable: the
     backward runs the same pattern in reverse, the gradients' all-to-all starting in the backward
     of :meth:`finish` and finishing in that of the start, so work that autograd schedules between
-    them (the backward of what was queued between start and finish) overlaps it too.
+    them (the backward of what was queued between start and finish) overlaps it too. The
+    consumer of the received rows may start it earlier, from inside its own backward
+    (:meth:`send_grads_now`), so that it also overlaps the rest of that backward.
 
     The received tensors may be used only through :meth:`finish` (their values are in flight
     until then, and in the backward the gradient that reaches the start is a placeholder: the
@@ -173,13 +187,61 @@ class RowsInFlight:
         self.works: list = []
         self.received: tuple[torch.Tensor, ...] = ()
         self.sent_rows: tuple[int, ...] = ()  # each input's rows (sent or not): its gradient's shape
+        # Each received tensor's (shape, dtype, device) if floating, else None: zeros stand in for
+        # a gradient that did not come.
+        self.received_like: tuple[tuple[torch.Size, torch.dtype, torch.device] | None, ...] = ()
         self.grad_works: list = []
         self.grads: tuple[torch.Tensor | None, ...] = ()
+        self.early: tuple[tuple[torch.Tensor | None, ...], tuple[torch.Tensor | None, ...]] | None = None
+        self.while_grads_travel: Callable[[], None] | None = None
 
     def finish(self) -> tuple[torch.Tensor, ...]:
         """The received rows (``[sum(recv_counts), *X]`` per tensor), once they have arrived."""
         received, self.received = self.received, ()
         return _FinishAllToAll.apply(self, *received)
+
+    def send_grads_now(self, *grads: torch.Tensor | None) -> None:
+        """Start the gradients' all-to-all now, from inside the backward of the one autograd node
+        that consumed :meth:`finish`'s tensors: ``grads`` are their complete gradients, in order
+        (None for an integer tensor, or zeros), and that node must hand the same tensors to
+        autograd. The backward of :meth:`finish` then checks that it got them and starts
+        nothing. Used to overlap the transfer with the rest of the consumer's backward (the
+        experts' weight gradients)."""
+        if self.early is not None:
+            raise RuntimeError("RowsInFlight.send_grads_now called twice in one backward")
+        if len(grads) != len(self.received_like):
+            raise ValueError(f"send_grads_now takes {len(self.received_like)} gradients, got {len(grads)}")
+        self.early = (grads, self._start_grads(grads))
+
+    def _start_grads(self, grads: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor | None, ...]:
+        """Launch the gradients' all-to-all (counts swapped) into buffers shaped like the start's
+        inputs (rows that were not sent get zeros); returns the placeholders for autograd."""
+        # Every floating tensor's gradient travels back, whether or not this rank needs it (zeros
+        # for an unused output): every rank must run the same collectives.
+        sent = sum(self.send_counts)
+        placeholders, results, works = [], [], []
+        for grad, like, rows in zip(grads, self.received_like, self.sent_rows):
+            if like is None:  # not floating
+                placeholders.append(None)
+                results.append(None)
+                continue
+            if grad is None:
+                shape, dtype, device = like
+                grad = torch.zeros(shape, dtype=dtype, device=device)
+            grad = grad.contiguous()
+            result = grad.new_empty((rows, *grad.shape[1:]))
+            if rows > sent:
+                result[sent:].zero_()
+            works.append(
+                dist.all_to_all_single(
+                    result[:sent], grad, list(self.send_counts), list(self.recv_counts),
+                    group=self.group, async_op=True,
+                )
+            )  # fmt: skip
+            placeholders.append(grad)  # kept alive (the all-to-all reads it) and shaped right
+            results.append(result)
+        self.grad_works, self.grads = works, tuple(results)
+        return tuple(placeholders)
 
 
 def _start_rows(
@@ -217,6 +279,8 @@ class _StartAllToAll(torch.autograd.Function):
     def backward(ctx, *placeholders):  # type: ignore[override]
         # The gradients travel in the all-to-all that _FinishAllToAll.backward started.
         flight = ctx.flight
+        if flight.while_grads_travel is not None:
+            flight.while_grads_travel()  # queued ahead of the wait: it runs during the transfer
         for work in flight.grad_works:
             work.wait()
         grads, flight.grads, flight.grad_works = flight.grads, (), []
@@ -230,37 +294,26 @@ class _FinishAllToAll(torch.autograd.Function):
             work.wait()
         flight.works = []
         ctx.flight = flight
-        ctx.floating = [r.is_floating_point() for r in received]
+        ctx.set_materialize_grads(False)  # a None gradient tells an unused output from a zero one
+        flight.received_like = tuple(
+            (r.shape, r.dtype, r.device) if r.is_floating_point() else None for r in received
+        )
         outs = tuple(r.view_as(r) for r in received)
-        ctx.mark_non_differentiable(*(o for o, f in zip(outs, ctx.floating) if not f))
+        ctx.mark_non_differentiable(*(o for o in outs if not o.is_floating_point()))
         return outs
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
-        # Every floating tensor's gradient travels back, whether or not this rank needs it (zeros
-        # for an unused output): every rank must run the same collectives. The result lands in
-        # buffers shaped like the start's inputs; rows that were not sent get zeros.
         flight = ctx.flight
-        sent = sum(flight.send_counts)
-        placeholders, results, works = [], [], []
-        for grad, floating, rows in zip(grads, ctx.floating, flight.sent_rows):
-            if not floating:
-                placeholders.append(None)
-                results.append(None)
-                continue
-            grad = grad.contiguous()  # materialized: zeros where no gradient came
-            result = grad.new_empty((rows, *grad.shape[1:]))
-            if rows > sent:
-                result[sent:].zero_()
-            works.append(
-                dist.all_to_all_single(
-                    result[:sent], grad, list(flight.send_counts), list(flight.recv_counts),
-                    group=flight.group, async_op=True,
+        if flight.early is None:
+            return None, *flight._start_grads(grads)
+        (sent, placeholders), flight.early = flight.early, None
+        for got, was_sent in zip(grads, sent):
+            if got is not None and (was_sent is None or got.data_ptr() != was_sent.data_ptr()):
+                raise RuntimeError(
+                    "the gradient of an all-to-all's rows changed after send_grads_now sent it: the "
+                    "rows have another consumer besides the node that sent their gradients"
                 )
-            )  # fmt: skip
-            placeholders.append(grad)  # kept alive (the all-to-all reads it) and shaped right
-            results.append(result)
-        flight.grad_works, flight.grads = works, tuple(results)
         return None, *placeholders
 
 
@@ -269,6 +322,7 @@ def start_all_to_all_rows(
     send_counts: Sequence[int],
     recv_counts: Sequence[int],
     group: ProcessGroup,
+    while_grads_travel: Callable[[], None] | None = None,
 ) -> RowsInFlight:
     """Start, for each ``[N, *X]`` tensor, sending rows ``sum(send_counts[:r]):sum(send_counts[:r + 1])``
     to rank r and receiving ``recv_counts[r]`` rows from rank r; returns at once, and
@@ -280,8 +334,13 @@ def start_all_to_all_rows(
     sized by an upper bound can be filled before the counts are known. Differentiable with
     respect to the floating-point tensors (integer ones come back non-differentiable): the
     backward sends their gradients back the same way, counts swapped; the tensors go through one
-    autograd node, so every rank runs the backward's collectives in the same order."""
+    autograd node, so every rank runs the backward's collectives in the same order.
+
+    ``while_grads_travel``: called in the backward once the gradients' all-to-all has started,
+    before the device waits for it; the work it queues needs no gradient (the receiver's
+    backward prologue, say) and overlaps the transfer."""
     flight = RowsInFlight(send_counts, recv_counts, group)
+    flight.while_grads_travel = while_grads_travel
     flight.received = _StartAllToAll.apply(flight, *tensors)
     return flight
 

@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 import moe_replay as mr
 from moe_replay.backends.registry import available_backends
-from moe_replay.parallel.collectives import check_device
+from moe_replay.parallel.collectives import RowsInFlight, check_device
 
 try:
     import fcntl
@@ -436,10 +436,47 @@ def check_errors(world: World) -> None:
 
 @check(*MODES)
 def check_triton_backend(world: World, mode: str) -> str | None:
-    """The dispatchers use only backend stages, so the Triton backend runs under them too."""
+    """The dispatchers use only backend stages, so the Triton backend runs under them too, with
+    both backward GEMM paths (its kernels; ``torch._grouped_mm``, whose CPU fallback runs here).
+    Under ``alltoall`` its experts' backward sends the rows' gradients home before the weight
+    gradients (``send_grads_now``), and on the ``_grouped_mm`` path uses the x rows that
+    ``prepare_backward`` gathered while the output gradient travelled."""
     if "triton" not in available_backends("cpu"):
         return "the triton backend cannot run on the CPU here (no Triton, or no interpreter)"
-    compare_with_reference(world, CFG_UNEVEN, mode, TOKEN_COUNTS[world.size][0], backend="triton", tol=F32)
+    from moe_replay.backends.triton import experts as triton_experts
+
+    sent_early: list[int] = []
+    gathered_early: list[bool] = []
+    send_grads_now, backward = RowsInFlight.send_grads_now, triton_experts._grouped_mm_grads
+    grouped_mm_default = triton_experts.GROUPED_MM_BACKWARD
+
+    def counted_send(flight: RowsInFlight, *grads: torch.Tensor | None) -> None:
+        sent_early.append(len(grads))
+        send_grads_now(flight, *grads)
+
+    def counted_backward(dy, saved, needs, inputs_done):  # type: ignore[no-untyped-def]
+        gathered_early.append(saved.x_NH is not None)
+        return backward(dy, saved, needs, inputs_done)
+
+    RowsInFlight.send_grads_now = counted_send  # type: ignore[method-assign]
+    triton_experts._grouped_mm_grads = counted_backward
+    try:
+        for grouped_mm in ("0", "1"):
+            triton_experts.GROUPED_MM_BACKWARD = grouped_mm
+            for counts in TOKEN_COUNTS[world.size]:
+                compare_with_reference(world, CFG_UNEVEN, mode, counts, backend="triton", tol=F32)
+            if mode == "alltoall":
+                counts = TOKEN_COUNTS[world.size][1]
+                compare_with_reference(world, CFG_UNEVEN, mode, counts, backend="triton", chunks=2)
+    finally:
+        RowsInFlight.send_grads_now = send_grads_now  # type: ignore[method-assign]
+        triton_experts._grouped_mm_grads = backward
+        triton_experts.GROUPED_MM_BACKWARD = grouped_mm_default
+    # Once per chunk and backward, on every rank (a rank without tokens too). The _grouped_mm
+    # path needs a routed row; without one (E_loc experts got no pair) the kernels run.
+    backwards = 2 * (len(TOKEN_COUNTS[world.size]) + 2)
+    assert sent_early == ([2] * backwards if mode == "alltoall" else []), sent_early
+    assert gathered_early and all(gathered_early) == (mode == "alltoall"), gathered_early
     return None
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_replay.backends.base import Backend, ExpertBuckets, SendPlan
+from moe_replay.backends.base import Backend, ExpertBuckets, InputGradsHook, SendPlan
 from moe_replay.backends.torch import quant as reference_quant
 from moe_replay.backends.triton import combine, dispatch, experts, route, send_plan
 from moe_replay.backends.triton._common import interpreting
@@ -75,8 +75,14 @@ class TritonBackend(Backend):
         w_down_EHI: torch.Tensor,
         weights_MR: torch.Tensor,
         out_dtype: torch.dtype,
+        on_input_grads: InputGradsHook | None = None,
     ) -> torch.Tensor:
-        return experts.expert_mlp_combine(x_MH, buckets, w_gate_up_E2IH, w_down_EHI, weights_MR, out_dtype)
+        return experts.expert_mlp_combine(
+            x_MH, buckets, w_gate_up_E2IH, w_down_EHI, weights_MR, out_dtype, on_input_grads
+        )
+
+    def prepare_backward(self, grad_fn: object) -> None:
+        experts.prepare_backward(grad_fn)
 
     @torch.compiler.disable
     def combine(

@@ -30,10 +30,11 @@ Row tiles never straddle two experts (see ``expert_of_tile``). Accumulation is f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from moe_replay.backends.base import ExpertBuckets
+from moe_replay.backends.base import ExpertBuckets, InputGradsHook
 from moe_replay.backends.triton._common import (
     dot_flags,
     expert_of_tile,
@@ -478,24 +479,6 @@ def _forward(
     return y_NH, h_NI, gu_N2I
 
 
-def _input_grads(
-    needs_x: bool,
-    needs_gate_up: bool,
-    dgu_N2I: torch.Tensor,
-    x_MH: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    buckets: ExpertBuckets,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``d x`` and ``d gate_up_proj`` from ``d(gate, up)``."""
-    dx = dw_gate_up = None
-    if needs_x:
-        dx_NH, _, _ = grouped_linear(dgu_N2I, buckets, w_gate_up, _transposed(w_gate_up), x_MH.shape[1])
-        dx = gather_sum(dx_NH, buckets.slot_of_row_MR, None, x_MH.dtype)
-    if needs_gate_up:
-        dw_gate_up = grouped_wgrad(dgu_N2I, x_MH, buckets, False, True, w_gate_up.dtype)
-    return dx, dw_gate_up
-
-
 def _weight_of_slot(weights_MR: torch.Tensor, slot_of_row_MR: torch.Tensor, num_slots: int) -> torch.Tensor:
     """Each slot's gate weight, ``[N]`` float32. The used slots are a permutation (no repeats);
     ``-1`` entries (no slot) land in a spare last element, which is cut off."""
@@ -536,21 +519,57 @@ class _Saved:
     gu_N2I: torch.Tensor
     h_NI: torch.Tensor | None = None
     weight_of_slot_N: torch.Tensor | None = None
+    x_NH: torch.Tensor | None = None
+    """``x_MH``'s rows in bucket order, if ``prepare_backward`` gathered them already."""
 
 
 Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+InputGradsDone = Callable[[torch.Tensor | None, torch.Tensor | None], int]
+"""Called by ``_backward`` with ``(dx, dweight_N)`` once both are computed, before the weight
+gradients' GEMMs; returns how many SMs the work it started occupies meanwhile (0: none)."""
 
 
-def _backward(dy: torch.Tensor, saved: _Saved, needs: tuple[bool, bool, bool]) -> Grads:
+def _ignore(dx: torch.Tensor | None, dweight_N: torch.Tensor | None) -> int:
+    return 0
+
+
+@contextlib.contextmanager
+def _sm_carveout(sms: int) -> Iterator[None]:
+    """``torch._grouped_mm`` calls inside target ``sms`` fewer SMs (PyTorch's experimental SM
+    carveout; nothing without it or with ``sms == 0``).
+
+    Its CUTLASS kernels are persistent: one block per SM, each with a fixed share of the tiles. A
+    block whose SM is held by a concurrent kernel (NCCL's all-to-all takes up to 32 on Hopper)
+    starts when that kernel ends, and the GEMM ends that much later: overlapping the two gains
+    nothing. Leaving those SMs out costs the GEMM their share instead, and lets it run alongside.
+    """
+    setter = getattr(torch._C, "_set_sm_carveout_experimental", None)
+    if not sms or setter is None:
+        yield
+        return
+    previous = torch._C._get_sm_carveout_experimental()
+    setter(sms)
+    try:
+        yield
+    finally:
+        setter(previous)
+
+
+def _backward(
+    dy: torch.Tensor, saved: _Saved, needs: tuple[bool, bool, bool], inputs_done: InputGradsDone = _ignore
+) -> Grads:
     """``(dx, d gate_up_proj, d down_proj, dweight_N)`` of the experts (``dweight_N``: each slot's
     gate-weight gradient, None for unweighted rows); ``needs``: whether x, gate_up_proj and
-    down_proj need gradients. ``torch._grouped_mm`` or our kernels (``GROUPED_MM_BACKWARD``)."""
+    down_proj need gradients. ``torch._grouped_mm`` or our kernels (``GROUPED_MM_BACKWARD``).
+    The gradients of the inputs come first and go to ``inputs_done``, the weights' after."""
     if _grouped_mm_ok(saved.x_MH, saved.w_gate_up, saved.w_down, saved.buckets):
-        return _grouped_mm_grads(dy, saved, needs)
-    return _kernel_grads(dy, saved, needs)
+        return _grouped_mm_grads(dy, saved, needs, inputs_done)
+    return _kernel_grads(dy, saved, needs, inputs_done)
 
 
-def _kernel_grads(dy: torch.Tensor, saved: _Saved, needs: tuple[bool, bool, bool]) -> Grads:
+def _kernel_grads(
+    dy: torch.Tensor, saved: _Saved, needs: tuple[bool, bool, bool], inputs_done: InputGradsDone
+) -> Grads:
     """``_backward`` with our kernels: the SwiGLU backward in the epilogue of the dh GEMM."""
     needs_x, needs_gate_up, needs_down = needs
     x_MH, w_gate_up, w_down, buckets = saved.x_MH, saved.w_gate_up, saved.w_down, saved.buckets
@@ -559,16 +578,24 @@ def _kernel_grads(dy: torch.Tensor, saved: _Saved, needs: tuple[bool, bool, bool
         dy, buckets, w_down, _transposed(w_down), w_down.shape[2],
         gu_N2I=saved.gu_N2I, gather_a=weighted, row_scale_N=saved.weight_of_slot_N,
     )  # fmt: skip
-    dx, dw_gate_up = _input_grads(needs_x, needs_gate_up, dgu_N2I, x_MH, w_gate_up, buckets)
-    dw_down = None
+    dx = None
+    if needs_x:
+        dx_NH, _, _ = grouped_linear(dgu_N2I, buckets, w_gate_up, _transposed(w_gate_up), x_MH.shape[1])
+        dx = gather_sum(dx_NH, buckets.slot_of_row_MR, None, x_MH.dtype)
+    dweight_N = dweight_parts_NT.sum(1) if weighted else None
+    inputs_done(dx, dweight_N)
+    dw_gate_up = dw_down = None
+    if needs_gate_up:
+        dw_gate_up = grouped_wgrad(dgu_N2I, x_MH, buckets, False, True, w_gate_up.dtype)
     if needs_down:
         h_NI = weighted_h_NI if weighted else saved.h_NI
         dw_down = grouped_wgrad(dy, h_NI, buckets, weighted, False, w_down.dtype)
-    dweight_N = dweight_parts_NT.sum(1) if weighted else None
     return dx, dw_gate_up, dw_down, dweight_N
 
 
-def _grouped_mm_grads(dy: torch.Tensor, saved: _Saved, needs: tuple[bool, bool, bool]) -> Grads:
+def _grouped_mm_grads(
+    dy: torch.Tensor, saved: _Saved, needs: tuple[bool, bool, bool], inputs_done: InputGradsDone
+) -> Grads:
     """``_backward`` with the four GEMMs as ``torch._grouped_mm`` on gathered rows, the SwiGLU
     backward as one elementwise pass (``swiglu.swiglu_bwd``)."""
     needs_x, needs_gate_up, needs_down = needs
@@ -580,15 +607,18 @@ def _grouped_mm_grads(dy: torch.Tensor, saved: _Saved, needs: tuple[bool, bool, 
     dgu_N2I, dweight_N, weighted_h_NI = swiglu_bwd(dh_NI, saved.gu_N2I, saved.weight_of_slot_N)
     del dh_NI
     dx = dw_gate_up = dw_down = None
-    if needs_down:
-        h_NI = weighted_h_NI if weighted else saved.h_NI
-        dw_down = torch._grouped_mm(dy_NH.t(), h_NI, offs=offs)
-    del dy_NH, weighted_h_NI
     if needs_x:
         dx_NH = torch._grouped_mm(dgu_N2I, saved.w_gate_up, offs=offs)
         dx = gather_sum(dx_NH, buckets.slot_of_row_MR, None, saved.x_MH.dtype)
+        del dx_NH
+    busy_sms = inputs_done(dx, dweight_N)
+    if needs_down:
+        h_NI = weighted_h_NI if weighted else saved.h_NI
+        with _sm_carveout(busy_sms):  # next to the transfer inputs_done may have started
+            dw_down = torch._grouped_mm(dy_NH.t(), h_NI, offs=offs)
+    del dy_NH, weighted_h_NI
     if needs_gate_up:
-        x_NH = saved.x_MH.index_select(0, buckets.row_of_slot_N)
+        x_NH = saved.x_MH.index_select(0, buckets.row_of_slot_N) if saved.x_NH is None else saved.x_NH
         dw_gate_up = torch._grouped_mm(dgu_N2I.t(), x_NH, offs=offs)
     return dx, dw_gate_up, dw_down, dweight_N
 
@@ -623,7 +653,8 @@ class _ExpertMLPCombine(torch.autograd.Function):
     (gathered in the kernel's loads, or into ``dy_NH`` for ``_grouped_mm``); with it come each
     row's gate-weight gradient ``<dy_token, y_row>``, computed as ``<dy_token @ W_down, h_row>`` (so
     ``y_NH`` is not kept), and ``weight * h_row``, which with the same gradient rows gives
-    ``d down_proj``. Saved: x, the pre-activations, the metadata.
+    ``d down_proj``. Then ``dx``; ``on_input_grads`` gets ``dx`` and the weights' gradient before
+    the two weight-gradient GEMMs run. Saved: x, the pre-activations, the metadata.
     """
 
     @staticmethod
@@ -637,6 +668,7 @@ class _ExpertMLPCombine(torch.autograd.Function):
         slot_of_row_MR,
         offsets_E1,
         out_dtype,
+        on_input_grads,
     ):  # type: ignore[override]
         buckets = ExpertBuckets(row_of_slot_N, slot_of_row_MR, offsets_E1)
         save = any(ctx.needs_input_grad[:4])
@@ -655,6 +687,7 @@ class _ExpertMLPCombine(torch.autograd.Function):
                 gu_N2I,
             )
             ctx.weights_dtype = weights_MR.dtype
+            ctx.on_input_grads = on_input_grads
         return out_MH
 
     @staticmethod
@@ -664,10 +697,29 @@ class _ExpertMLPCombine(torch.autograd.Function):
         dout_MH = dout_MH.to(x_MH.dtype).contiguous()
         weight_of_slot_N = _weight_of_slot(weights, slot_of_row, buckets.num_slots)
         needs = ctx.needs_input_grad
-        saved = _Saved(x_MH, w_gate_up, w_down, buckets, gu_N2I, weight_of_slot_N=weight_of_slot_N)
-        dx, dw_gate_up, dw_down, dweight_N = _backward(dout_MH, saved, needs[:3])
-        dweights = buckets.per_read(dweight_N).to(ctx.weights_dtype) if needs[3] else None
-        return dx, dw_gate_up, dw_down, dweights, None, None, None, None
+        x_NH, ctx.x_rows_NH = getattr(ctx, "x_rows_NH", None), None  # see prepare_backward
+        saved = _Saved(x_MH, w_gate_up, w_down, buckets, gu_N2I, weight_of_slot_N=weight_of_slot_N, x_NH=x_NH)
+        dweights = None
+
+        def inputs_done(dx: torch.Tensor | None, dweight_N: torch.Tensor | None) -> int:
+            nonlocal dweights
+            if needs[3]:
+                dweights = buckets.per_read(dweight_N).to(ctx.weights_dtype)
+            return 0 if ctx.on_input_grads is None else ctx.on_input_grads(dx, dweights)
+
+        dx, dw_gate_up, dw_down, _ = _backward(dout_MH, saved, needs[:3], inputs_done)
+        return dx, dw_gate_up, dw_down, dweights, None, None, None, None, None
+
+
+def prepare_backward(grad_fn: object) -> None:
+    """For an ``expert_mlp_combine`` node whose backward runs on ``torch._grouped_mm`` and wants
+    ``d gate_up_proj``: gather the x rows that GEMM reads now, into the node (its backward takes
+    them from there). Any other node: nothing. See ``Backend.prepare_backward``."""
+    if type(grad_fn) is not _ExpertMLPCombine._backward_cls or not grad_fn.needs_input_grad[1]:
+        return
+    x_MH, w_gate_up, w_down, _, row_of_slot, slot_of_row, offsets, _ = grad_fn.saved_tensors
+    if _grouped_mm_ok(x_MH, w_gate_up, w_down, ExpertBuckets(row_of_slot, slot_of_row, offsets)):
+        grad_fn.x_rows_NH = x_MH.index_select(0, row_of_slot)
 
 
 def expert_mlp(
@@ -694,13 +746,15 @@ def expert_mlp_combine(
     w_down_EHI: torch.Tensor,
     weights_MR: torch.Tensor,
     out_dtype: torch.dtype,
+    on_input_grads: InputGradsHook | None = None,
 ) -> torch.Tensor:
-    """``y_MH[m] = sum_r weights[m, r] * expert(x_MH[m])`` in ``out_dtype``: the local layer's path."""
+    """``y_MH[m] = sum_r weights[m, r] * expert(x_MH[m])`` in ``out_dtype``: the local layer's path.
+    ``on_input_grads``: see ``Backend.expert_mlp_combine``."""
     _check_dtypes(x_MH, w_gate_up_E2IH, w_down_EHI)
     if not needs_autograd(x_MH, w_gate_up_E2IH, w_down_EHI, weights_MR):  # inference: no graph node
         y_NH, _, _ = _forward(x_MH.contiguous(), buckets, w_gate_up_E2IH, w_down_EHI, False)
         return gather_sum(y_NH, buckets.slot_of_row_MR, weights_MR.float().contiguous(), out_dtype)
     return _ExpertMLPCombine.apply(
         x_MH.contiguous(), w_gate_up_E2IH, w_down_EHI, weights_MR,
-        buckets.row_of_slot_N, buckets.slot_of_row_MR, buckets.offsets_E1, out_dtype,
+        buckets.row_of_slot_N, buckets.slot_of_row_MR, buckets.offsets_E1, out_dtype, on_input_grads,
     )  # fmt: skip

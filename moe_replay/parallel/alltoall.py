@@ -33,16 +33,21 @@ experts' fused backward on the receiver (token rows, meta: the weights' gradient
 ids, expert weights), the all-to-all forth, ``permute_rows``' backward (sums each token's <= W
 gradient rows of x and of meta, skipping -1 slots: a weight's gradient comes from the one rank
 holding its expert, the others add exact zeros). Expert gradients land on their owner; the
-router's gradient on the origin. The experts' backward computes the rows' gradients first and
-starts the all-to-all forth itself (``RowsInFlight.send_grads_now``, where the backend supports it:
-the Triton one), then computes the expert weights' gradients while the rows travel: about half
-the backward's GEMM work hides one of its two all-to-alls (``MOE_REPLAY_EP_EARLY_GRADS=0`` turns
-this off, for A/B measurements). Before that, while the partials' gradients arrive, the
-receiver queues what its experts' backward needs no gradient for (``Backend.prepare_backward``:
-the Triton backend gathers the x rows that the gate_up weight gradient reads). The first of the
-weight-gradient GEMMs leaves the SMs NCCL's kernel may hold to
-it (``collectives.collective_sms``): the CUTLASS grouped GEMMs are persistent, and a block waiting
-for an SM that the all-to-all holds would hold the whole GEMM back until the transfer ends.
+router's gradient on the origin.
+
+The backward overlaps both of its all-to-alls with the receiver's work (``overlap_backward``;
+``MOE_REPLAY_EP_BACKWARD_OVERLAP=0`` turns it off, for A/B measurements):
+
+* while the partials' gradients arrive, the receiver queues what its experts' backward needs no
+  gradient for (``Backend.prepare_backward``; the Triton backend gathers the x rows that the
+  gate_up weight gradient reads);
+* the experts' backward computes the rows' gradients first and starts the all-to-all forth itself
+  (``on_input_grads``, ``RowsInFlight.send_grads_now``; where the backend supports it: the Triton
+  one), then computes the expert weights' gradients, about half its GEMM work, while the rows
+  travel. The first of those GEMMs leaves the SMs NCCL's kernel may hold to it
+  (``collectives.collective_sms``, or ``MOE_REPLAY_EP_COMM_SMS``): the CUTLASS grouped GEMMs are
+  persistent, and a block waiting for an SM that the all-to-all holds would hold the whole GEMM
+  back until the transfer ends.
 
 What a call costs, and why it is laid out so. On an H100 node each torch op or Triton launch
 costs the host 20-100 µs, and the sizes where expert parallelism is used are host-bound unless
@@ -113,9 +118,8 @@ of more host work per call (module docstring). Every rank of a group must use th
 (it fixes the sequence of collectives)."""
 
 
-EARLY_GRADS = os.environ.get("MOE_REPLAY_EP_EARLY_GRADS", "1") == "1"
-"""Whether the receiver's experts send the token rows' gradients home from inside their backward,
-before the weight-gradient GEMMs, so that the all-to-all overlaps them (module docstring). A
+BACKWARD_OVERLAP = os.environ.get("MOE_REPLAY_EP_BACKWARD_OVERLAP", "1") == "1"
+"""Whether the backward overlaps its all-to-alls with the receiver's work (module docstring). A
 switch for A/B measurements; results are the same either way."""
 
 
@@ -179,7 +183,7 @@ class AllToAllDispatcher:
         self.group = group
         self.partition = partition
         self.chunks = chunks
-        self.early_grads = EARLY_GRADS
+        self.overlap_backward = BACKWARD_OVERLAP
         W, E, E_loc = partition.world_size, partition.num_experts, partition.num_local
         local_of_expert = [
             e - partition.first if partition.first <= e < partition.end else E_loc for e in range(E)
@@ -318,11 +322,13 @@ class AllToAllDispatcher:
                 buckets = backend.received_buckets(meta_MM, local_of_expert_E, part.num_local, pairs)
                 # x_MH and meta_MM have no other differentiable consumer, so the experts' backward
                 # may send their gradients home before it computes the weight gradients.
-                early = self._send_grads_early(flights[c], device) if self.early_grads else None
+                overlap = self.overlap_backward
+                early = self._send_grads_early(flights[c], device) if overlap else None
                 y_MH = experts.forward_combined(x_MH, buckets, meta_MM, backend, x_TH.dtype, early)
                 # In the backward, the experts' prologue (what needs no gradient) runs while the
                 # partials' gradients arrive.
-                prologue = None if y_MH.grad_fn is None else partial(backend.prepare_backward, y_MH.grad_fn)
+                node = y_MH.grad_fn
+                prologue = partial(backend.prepare_backward, node) if overlap and node is not None else None
                 returns.append(
                     start_all_to_all_rows(
                         [y_MH], counts.recv_rows[c], counts.send_rows[c], self.group, prologue

@@ -493,6 +493,69 @@ def test_expert_mlp_combine_skips_missing_slots(T: int, R: int, E: int, missing:
         assert torch.isfinite(got).all() and rel(got, want) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("grouped_mm", ["0", "1"])
+def test_expert_mlp_combine_hands_input_grads_over_before_weight_grads(grouped_mm: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``on_input_grads`` (expert parallelism sends the rows' gradients home there) gets dx and
+    the weights' gradient once, before any weight-gradient GEMM; on the ``torch._grouped_mm`` path
+    the GEMM after it leaves the SMs the hook reports busy (the carveout is restored after), and
+    the x rows ``prepare_backward`` gathered ahead are used. The gradients are the same bits as a
+    plain backward's."""
+    from moe_replay.backends.triton import experts
+
+    monkeypatch.setattr(experts, "GROUPED_MM_BACKWARD", grouped_mm)
+    T, R, E, H, I = 12, 3, 5, 16, 24
+    _, b = buckets_with_missing(T, R, E, 0.3)
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(T, H, generator=gen).to(DEVICE).requires_grad_()
+    w = torch.rand(T, R, generator=gen).to(DEVICE).requires_grad_()
+    w1 = (torch.randn(E, 2 * I, H, generator=gen) / H**0.5).to(DEVICE).requires_grad_()
+    w2 = (torch.randn(E, H, I, generator=gen) / I**0.5).to(DEVICE).requires_grad_()
+    upstream = torch.randn(T, H, generator=gen).to(DEVICE)
+    leaves = (x, w, w1, w2)
+
+    def backward(hook: object, prologue: bool) -> tuple[torch.Tensor, ...]:
+        out = TRITON.expert_mlp_combine(x, b, w1, w2, w, torch.float32, hook)
+        if prologue:
+            TRITON.prepare_backward(out.grad_fn)
+            assert (getattr(out.grad_fn, "x_rows_NH", None) is not None) == (grouped_mm == "1")
+        grads = torch.autograd.grad((out * upstream).sum(), leaves)
+        assert getattr(out.grad_fn, "x_rows_NH", None) is None  # used, then dropped
+        return grads
+
+    plain = backward(None, prologue=False)
+    events: list[tuple] = []
+    if grouped_mm == "1":
+        grouped_mm_op = torch._grouped_mm
+
+        def recorded(*args, **kwargs):  # type: ignore[no-untyped-def]
+            events.append(("gemm", torch._C._get_sm_carveout_experimental()))
+            return grouped_mm_op(*args, **kwargs)
+
+        monkeypatch.setattr(torch, "_grouped_mm", recorded)
+    else:
+        wgrad = experts.grouped_wgrad
+        monkeypatch.setattr(experts, "grouped_wgrad", lambda *a: events.append(("wgrad",)) or wgrad(*a))
+
+    def hook(dx: torch.Tensor, dweights: torch.Tensor) -> int:
+        events.append(("hook", dx, dweights))
+        return 7
+
+    grads = backward(hook, prologue=True)
+    hooks = [i for i, event in enumerate(events) if event[0] == "hook"]
+    assert len(hooks) == 1
+    _, dx, dweights = events[hooks[0]]
+    assert dx is not None and torch.equal(dx, grads[0]) and torch.equal(dweights, grads[1])
+    after = [event[1:] for event in events[hooks[0] + 1 :]]
+    if grouped_mm == "1":  # dh, d x rows; then d down_proj beside the transfer, d gate_up_proj
+        assert [event[1:] for event in events[: hooks[0]]] == [(None,), (None,)]
+        assert after == [(7,), (None,)]
+    else:  # our kernels: both weight gradients after the hook
+        assert hooks[0] == 0 and after == [(), ()]
+    assert torch._C._get_sm_carveout_experimental() is None
+    for got, want in zip(grads, plain):
+        assert torch.equal(got, want)
+
+
 def test_replay_uses_triton_routing() -> None:
     cfg = mr.MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=16)
     layer = mr.MoE(cfg, backend="triton", device=DEVICE)

@@ -542,6 +542,8 @@ def _sm_carveout(sms: int) -> Iterator[None]:
     block whose SM is held by a concurrent kernel (NCCL's all-to-all takes up to 32 on Hopper)
     starts when that kernel ends, and the GEMM ends that much later: overlapping the two gains
     nothing. Leaving those SMs out costs the GEMM their share instead, and lets it run alongside.
+    The setting is process-wide while it lasts (the backward's thread is the one running GEMMs
+    then); PyTorch warns once per process that it is experimental.
     """
     setter = getattr(torch._C, "_set_sm_carveout_experimental", None)
     if not sms or setter is None:

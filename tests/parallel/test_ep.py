@@ -245,7 +245,7 @@ def check_record_then_replay(world: World, mode: str) -> None:
 
 
 @check(*MODES)
-def check_activation_checkpointing(world: World, mode: str) -> None:
+def check_activation_checkpointing(world: World, mode: str, backend: str = "torch") -> None:
     """Recompute runs the layer's collectives again inside the backward, on every rank, and
     replay(None) makes it route as the forward did."""
     cfg = CFG_UNEVEN
@@ -257,7 +257,7 @@ def check_activation_checkpointing(world: World, mode: str) -> None:
     x_ref = x_SH.clone().requires_grad_()
     (ref(x_ref) * grad_SH).sum().backward()
 
-    ep = expert_parallel(world, cfg, mode, ref)
+    ep = expert_parallel(world, cfg, mode, ref, backend)
     x = x_SH[rows].clone().requires_grad_()
     with mr.replay(ep, None):
         y = checkpoint(ep, x, use_reentrant=False)
@@ -468,13 +468,16 @@ def check_triton_backend(world: World, mode: str) -> str | None:
             if mode == "alltoall":
                 counts = TOKEN_COUNTS[world.size][1]
                 compare_with_reference(world, CFG_UNEVEN, mode, counts, backend="triton", chunks=2)
+            # The prologue reads the experts' saved tensors: under checkpointing, that is where
+            # the recompute (and its collectives) runs, on every rank alike.
+            check_activation_checkpointing(world, mode, backend="triton")
     finally:
         RowsInFlight.send_grads_now = send_grads_now  # type: ignore[method-assign]
         triton_experts._grouped_mm_grads = backward
         triton_experts.GROUPED_MM_BACKWARD = grouped_mm_default
     # Once per chunk and backward, on every rank (a rank without tokens too). The _grouped_mm
     # path needs a routed row; without one (E_loc experts got no pair) the kernels run.
-    backwards = 2 * (len(TOKEN_COUNTS[world.size]) + 2)
+    backwards = 2 * (len(TOKEN_COUNTS[world.size]) + 3)
     assert sent_early == ([2] * backwards if mode == "alltoall" else []), sent_early
     assert gathered_early and all(gathered_early) == (mode == "alltoall"), gathered_early
     return None

@@ -694,7 +694,10 @@ class _ExpertMLPCombine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout_MH):  # type: ignore[override]
-        x_MH, w_gate_up, w_down, weights, row_of_slot, slot_of_row, offsets, gu_N2I = ctx.saved_tensors
+        # prepare_backward may have unpacked them already (they unpack once under checkpointing).
+        unpacked = getattr(ctx, "unpacked", None) or ctx.saved_tensors
+        ctx.unpacked = None
+        x_MH, w_gate_up, w_down, weights, row_of_slot, slot_of_row, offsets, gu_N2I = unpacked
         buckets = ExpertBuckets(row_of_slot, slot_of_row, offsets)
         dout_MH = dout_MH.to(x_MH.dtype).contiguous()
         weight_of_slot_N = _weight_of_slot(weights, slot_of_row, buckets.num_slots)
@@ -719,7 +722,10 @@ def prepare_backward(grad_fn: object) -> None:
     them from there). Any other node: nothing. See ``Backend.prepare_backward``."""
     if type(grad_fn) is not _ExpertMLPCombine._backward_cls or not grad_fn.needs_input_grad[1]:
         return
-    x_MH, w_gate_up, w_down, _, row_of_slot, slot_of_row, offsets, _ = grad_fn.saved_tensors
+    # Saved tensors unpack once under activation checkpointing (the unpack is where it recomputes):
+    # the backward takes them from here too.
+    grad_fn.unpacked = grad_fn.saved_tensors
+    x_MH, w_gate_up, w_down, _, row_of_slot, slot_of_row, offsets, _ = grad_fn.unpacked
     if _grouped_mm_ok(x_MH, w_gate_up, w_down, ExpertBuckets(row_of_slot, slot_of_row, offsets)):
         grad_fn.x_rows_NH = x_MH.index_select(0, row_of_slot)
 

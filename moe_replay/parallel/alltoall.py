@@ -246,12 +246,12 @@ class AllToAllDispatcher:
             self._exchange_buffers[key] = (buffer_2WC3, host, *buffer_2WC3.unbind(0))
         return self._exchange_buffers[key]
 
-    def _exchange_counts(self, buffer_2WC3: torch.Tensor, host_2WC3: torch.Tensor) -> torch.Tensor:
+    def _exchange_counts(self, buffers: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Launch the count exchange (one all-to-all of 3 ints per rank and chunk, the sent half
-        filled by ``send_plan``). Returns what :meth:`_read_counts` reads: on CUDA the buffer's
-        copy on its way to pinned host memory, so that the host waits for the counts, not for
-        the work queued after them."""
-        sent_WC3, received_WC3 = buffer_2WC3.unbind(0)
+        filled by ``send_plan``) in :meth:`_exchange_buffers_for`'s ``buffers``. Returns what
+        :meth:`_read_counts` reads: on CUDA the buffer's copy on its way to pinned host memory,
+        so that the host waits for the counts, not for the work queued after them."""
+        buffer_2WC3, host_2WC3, sent_WC3, received_WC3 = buffers
         all_to_all_ints(sent_WC3, received_WC3, self.group)
         if not buffer_2WC3.is_cuda:
             return buffer_2WC3
@@ -281,10 +281,10 @@ class AllToAllDispatcher:
         # The phases are named in profiles (torch.profiler) by these ranges.
         with record_function("moe_replay.alltoall.counts"):  # origin: where each token goes
             needs_grad = input_needs_grad(x_TH) or input_needs_grad(weights_TK)
-            buffer_2WC3, host_2WC3, sent_WC3, _ = self._exchange_buffers_for(needs_grad, device)
+            buffers = self._exchange_buffers_for(needs_grad, device)
             rank_offsets_W1 = self._constant("rank_offsets_W1", device)
-            plan = backend.send_plan(ids_TK, rank_offsets_W1, C, sent_WC3)
-            host_counts = self._exchange_counts(buffer_2WC3, host_2WC3)
+            plan = backend.send_plan(ids_TK, rank_offsets_W1, C, buffers[2])  # fills the sent half
+            host_counts = self._exchange_counts(buffers)
             # Queued before the host waits for the counts, so the device has work meanwhile: each
             # chunk's send rows at capacity (the first S_c of them are the list; the rest, copies
             # of a chunk's first token, are not sent).

@@ -26,6 +26,7 @@ backward.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -63,10 +64,13 @@ def check_device(group: ProcessGroup, device: torch.device, what: str) -> None:
         )
 
 
+@functools.cache
 def collective_sms(device: torch.device) -> int:
     """At most how many SMs of ``device`` an NCCL collective's kernel occupies while it runs (0 off
     CUDA): ``NCCL_MAX_CTAS`` if set, else NCCL's default cap, one block per SM: 32 blocks before
-    compute capability 10 (the all-to-alls here run 32 on an H100), 16 from it (NCCL 2.28)."""
+    compute capability 10 (the all-to-alls here run 32 on an H100), 16 from it (NCCL 2.28).
+    Worked out once per device (the alltoall dispatcher asks on every call), as NCCL reads its
+    environment once."""
     if device.type != "cuda":
         return 0
     if "NCCL_MAX_CTAS" in os.environ:

@@ -88,6 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="alltoall token chunks to time, comma-separated (cases alltoall/c<n>; default: the "
         "dispatcher's default, case alltoall)",
     )
+    p.add_argument(
+        "--transports",
+        default=None,
+        help="alltoall transports to time and check, comma-separated: peers, collectives (cases "
+        "alltoall/<transport>; default: the dispatcher's choice, case alltoall)",
+    )
     p.add_argument("--backend", default=None, help="moe_replay backend (default: automatic)")
     p.add_argument(
         "--warmup", type=int, default=None, help="untimed iterations per case (default 3; 1 small)"
@@ -128,6 +134,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.tokens = [int(t) for t in args.tokens.split(",") if t]
     args.modes = [m for m in args.modes.split(",") if m]
     args.chunks = [int(c) for c in args.chunks.split(",") if c] if args.chunks else []
+    args.transports = [t for t in args.transports.split(",") if t] if args.transports else []
+    for transport in args.transports:
+        if transport not in ("peers", "collectives"):
+            p.error(f"--transports: {transport!r} is not one of peers, collectives")
+    if args.chunks and args.transports:
+        p.error("--chunks and --transports do not combine (peers runs one chunk)")
     for mode in args.modes:
         if mode not in MODES:
             p.error(f"--modes: {mode!r} is not one of {MODES}")
@@ -221,6 +233,30 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item() / max(scale, 1e-30)
 
 
+def ep_cases(modes: list[str], args: argparse.Namespace) -> list[str]:
+    """The EP cases to run: a mode, or ``alltoall/c<chunks>``, ``alltoall/<transport>``."""
+    cases = []
+    for mode in modes:
+        if mode == "alltoall" and args.chunks:
+            cases += [f"{mode}/c{c}" for c in args.chunks]
+        elif mode == "alltoall" and args.transports:
+            cases += [f"{mode}/{t}" for t in args.transports]
+        else:
+            cases.append(mode)
+    return cases
+
+
+def configure(layer: mr.MoE, case: str) -> None:
+    """Set the dispatcher options ``case`` names (see :func:`ep_cases`)."""
+    option = case.split("/")[1] if "/" in case else None
+    if option is None:
+        return
+    if option[0] == "c" and option[1:].isdigit():
+        layer.ep.dispatcher.chunks = int(option[1:])
+    else:
+        layer.ep.dispatcher.transport = option
+
+
 def equality_case(
     name: str,
     cfg: mr.MoEConfig,
@@ -228,6 +264,7 @@ def equality_case(
     dtype: torch.dtype,
     tol: float,
     device: torch.device,
+    cases: list[str],
     backend: str | None,
     report: Report,
 ) -> None:
@@ -250,8 +287,10 @@ def equality_case(
     y_ref = ref(x_ref, forced_expert_ids=forced_SK)
     y_ref.backward(grad_SH)
 
-    for mode in MODES:
+    for case in cases:
+        mode = case.split("/")[0]
         ep = mr.MoE(cfg, backend=backend, device=device, dtype=dtype, ep_group=dist.group.WORLD, ep_mode=mode)
+        configure(ep, case)
         ep.load_state_dict(ref.state_dict())
         x = x_SH[rows].clone().requires_grad_()
         y = ep(x, forced_expert_ids=forced_SK[rows])
@@ -279,7 +318,7 @@ def equality_case(
             "equality",
             {
                 "case": name,
-                "mode": mode,
+                "mode": case,
                 "dtype": str(dtype).removeprefix("torch."),
                 "shape": dataclasses.asdict(cfg),
                 "tokens_per_rank": counts,
@@ -289,7 +328,7 @@ def equality_case(
             },
         )
         say(
-            f"equality {name:<10} {mode:<9} {'PASS' if passed else 'FAIL'}  "
+            f"equality {name:<10} {case:<17} {'PASS' if passed else 'FAIL'}  "
             + "  ".join(f"{k}={v:.2e}" for k, v in worst.items())
             + f"  (tol {tol:g})"
         )
@@ -311,7 +350,9 @@ def run_equality(args: argparse.Namespace, device: torch.device, report: Report)
     for name, shape, dtype, tol, scale in cases:
         cfg = mr.MoEConfig(**shape, scoring="softmax", norm_topk_prob=True)
         try:
-            equality_case(name, cfg, [c * scale for c in uneven], dtype, tol, device, args.backend, report)
+            counts = [c * scale for c in uneven]
+            cases = ep_cases(list(MODES), args)
+            equality_case(name, cfg, counts, dtype, tol, device, cases, args.backend, report)
         except Exception:
             report.ok = False
             report.add("equality", {"case": name, "error": traceback.format_exc()})
@@ -431,13 +472,10 @@ def run_timing(args: argparse.Namespace, device: torch.device, report: Report) -
         f"{get_backend(args.backend, device).name}, median of {args.iters} after {args.warmup} warm-up"
     )
     say(
-        f"{'T/rank':>7} {'case':<12} {'fwd ms':>9} {'fwd+bwd ms':>11} {'eff fwd':>8} {'eff f+b':>8}  "
+        f"{'T/rank':>7} {'case':<20} {'fwd ms':>9} {'fwd+bwd ms':>11} {'eff fwd':>8} {'eff f+b':>8}  "
         f"{'isolated: fwd':>8} {'f+b':>8}  per-rank fwd+bwd ms (steady)"
     )
-    cases = ["1gpu"]
-    for mode in args.modes:
-        chunked = mode == "alltoall" and args.chunks
-        cases += [f"{mode}/c{c}" for c in args.chunks] if chunked else [mode]
+    cases = ["1gpu", *ep_cases(args.modes, args)]
     for T in args.tokens:
         baseline: dict[str, float] = {}
         for case in cases:
@@ -454,8 +492,7 @@ def run_timing(args: argparse.Namespace, device: torch.device, report: Report) -
                         ep_group=dist.group.WORLD,
                         ep_mode=case.split("/")[0],
                     )
-                    if "/c" in case:
-                        layer.ep.dispatcher.chunks = int(case.split("/c")[1])
+                    configure(layer, case)
                 mine = time_layer(layer, T, cfg, args, device)
                 del layer
                 per_rank: list[dict[str, dict[str, float]]] = [{} for _ in range(world)]
@@ -494,7 +531,7 @@ def run_timing(args: argparse.Namespace, device: torch.device, report: Report) -
             ms_col = f["ms_max"] if case != "1gpu" else f["ms_median"]
             msb_col = fb["ms_max"] if case != "1gpu" else fb["ms_median"]
             say(
-                f"{T:>7} {case:<12} {ms_col:>9.3f} {msb_col:>11.3f} {f['efficiency']:>8.2f} "
+                f"{T:>7} {case:<20} {ms_col:>9.3f} {msb_col:>11.3f} {f['efficiency']:>8.2f} "
                 f"{fb['efficiency']:>8.2f}  {f['ms_isolated_max']:>8.3f} {fb['ms_isolated_max']:>8.3f}  "
                 + " ".join(f"{v:.2f}" for v in fb["ms_per_rank"])
             )
@@ -510,8 +547,7 @@ def run_profile(T: int, args: argparse.Namespace, device: torch.device) -> None:
     layer = mr.MoE(
         cfg, backend=args.backend, device=device, dtype=dtype, ep_group=dist.group.WORLD, ep_mode="alltoall"
     )
-    if args.chunks:
-        layer.ep.dispatcher.chunks = args.chunks[0]
+    configure(layer, ep_cases(["alltoall"], args)[0])  # the first of --chunks or --transports
     x, _, trace = rank_inputs(T, cfg, dtype, device)
     x.requires_grad_()
     model = nn.Sequential(layer)

@@ -130,6 +130,51 @@ class SendPlan:
         return rows, buckets
 
 
+@dataclass(frozen=True)
+class PeerArea:
+    """Rows at the same place of every rank's symmetric buffer (``moe_replay.parallel.peers``):
+    rank r's rows are ``views[r]`` (mapped into this process, for torch ops) and start at address
+    ``bases_W[r]`` (int64 on the device, for kernels). ``views[rank]`` is this rank's own."""
+
+    views: tuple[torch.Tensor, ...]
+    bases_W: torch.Tensor
+
+
+@dataclass(frozen=True)
+class PeerExchange:
+    """Who sends whom how many rows, as every rank of an expert-parallel group knows after the
+    count exchange (``moe_replay.parallel.alltoall``'s peer transport).
+
+    Origin s's send list holds its rows for rank 0, then rank 1, ... (``SendPlan``); receiver d's
+    rows are those of rank 0, then rank 1, ..., each source's in its list's order. So receiver
+    d's row ``recv_start(d, s) + i`` is origin s's place ``send_start(s, d) + i``. ``counts_WW3``
+    holds the same matrix on the device: ``[s, d, 0]`` the rows s sends d (int32, contiguous;
+    the other columns are the dispatcher's)."""
+
+    rank: int
+    rows: tuple[tuple[int, ...], ...]
+    """``rows[s][d]``: the rows rank s sends rank d (host ints)."""
+    counts_WW3: torch.Tensor
+
+    @property
+    def world_size(self) -> int:
+        return len(self.rows)
+
+    def send_start(self, s: int, d: int) -> int:
+        return sum(self.rows[s][:d])
+
+    def recv_start(self, d: int, s: int) -> int:
+        return sum(self.rows[r][d] for r in range(s))
+
+    @property
+    def num_sent(self) -> int:
+        return sum(self.rows[self.rank])
+
+    @property
+    def num_received(self) -> int:
+        return self.recv_start(self.rank, self.world_size)
+
+
 class Backend(ABC):
     """One implementation of every pipeline stage. Register instances with ``registry.register``."""
 
@@ -191,6 +236,7 @@ class Backend(ABC):
         weights_MR: torch.Tensor,
         out_dtype: torch.dtype,
         on_input_grads: InputGradsHook | None = None,
+        out_MH: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``combine(expert_mlp(x_MH, ...), ...)``: the local layer's path, which a backend may fuse
         (the triton backend's backward then never materialises the routed rows' gradient). ``-1``
@@ -202,9 +248,13 @@ class Backend(ABC):
         same tensors to autograd. The expert-parallel dispatcher starts their all-to-all there, so
         that it travels while the weight-gradient GEMMs run, and returns how many SMs its kernel
         may occupy meanwhile (0 for none), which the backend's next GEMM leaves free. Here (plain
-        autograd ops) there is no such point, and it is not called."""
+        autograd ops) there is no such point, and it is not called.
+
+        ``out_MH``: where to write the result (``[M, H]``, ``out_dtype``; the expert-parallel peer
+        transport passes rows of its symmetric memory, which other ranks read); it is returned."""
         y_NH = self.expert_mlp(x_MH, buckets, w_gate_up_E2IH, w_down_EHI)
-        return self.combine(y_NH, buckets, weights_MR, out_dtype)
+        y_MH = self.combine(y_NH, buckets, weights_MR, out_dtype)
+        return write_into(y_MH, out_MH)
 
     def prepare_backward(self, grad_fn: object) -> None:
         """Queue the work of the backward of ``grad_fn`` (the autograd node of an
@@ -261,8 +311,56 @@ class Backend(ABC):
             offsets_E1=pairs.offsets_E1[: num_local + 1],
         )
 
+    def pull_rows(self, src: PeerArea, tokens: PeerArea, exchange: PeerExchange) -> torch.Tensor:
+        """The expert-parallel peer transport's dispatch, run by each receiver: its
+        ``exchange.num_received`` rows, ``out[recv_start(rank, s) + i] = src[s][tokens[s][p]]`` for
+        origin s's place ``p = send_start(s, rank) + i`` (``tokens``: each origin's send list,
+        int32 token indices; ``src``: its staged token rows). Not differentiable (the dispatcher's
+        autograd node is). The plain torch ops here, on the peers' mapped views, are the
+        reference."""
+        from moe_replay.backends.torch.peers import pull_rows
+
+        return pull_rows(src, tokens, exchange)
+
+    def pull_sum(
+        self, src: PeerArea, slot_of_row_TW: torch.Tensor, exchange: PeerExchange, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The peer transport's return, run by each origin: ``out[t] = sum_r src[r][row(t, r)]`` over
+        the ranks r with ``slot_of_row_TW[t, r] = p >= 0`` (t's place in this rank's send list),
+        ``row(t, r) = recv_start(r, rank) + p - send_start(rank, r)``: each receiver's partial sum
+        for t, added in float32 in rank order. Not differentiable; torch reference here."""
+        from moe_replay.backends.torch.peers import pull_sum
+
+        return pull_sum(src, slot_of_row_TW, exchange, out_dtype)
+
+    def push_rows(self, x_MX: torch.Tensor, dst: PeerArea, exchange: PeerExchange, sms: int) -> None:
+        """The peer transport's backward of ``pull_rows``' rows, run by each receiver: its received
+        row ``recv_start(rank, s) + i`` goes to ``dst[s][send_start(s, rank) + i]`` (origin s's
+        place). ``sms``: at most how many SMs a kernel may occupy (it runs next to GEMMs; 0: any).
+        Torch reference here (one copy per origin)."""
+        from moe_replay.backends.torch.peers import push_rows
+
+        push_rows(x_MX, dst, exchange)
+
     def quant_expert_mlp(
         self, x_MH: torch.Tensor, buckets: ExpertBuckets, gate_up: QuantizedWeight, down: QuantizedWeight
     ) -> torch.Tensor:
         """``expert_mlp`` with quantized weights (``moe_replay.quantize``); inference only."""
         raise ValueError(f"backend {self.name!r} has no quantized experts; use backend='torch' for QuantMoE")
+
+
+def write_into(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``y``, or ``out`` holding ``y``'s values (differentiable as ``y``) if given."""
+    return y if out is None else _WriteInto.apply(y, out)
+
+
+class _WriteInto(torch.autograd.Function):
+    """``out`` with ``y``'s values (copied), differentiable as ``y``."""
+
+    @staticmethod
+    def forward(ctx, y, out):  # type: ignore[override]
+        return out.copy_(y)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None

@@ -103,11 +103,12 @@ class Experts(nn.Module):
         backend: Backend,
         out_dtype: torch.dtype,
         on_input_grads: InputGradsHook | None = None,
+        out_MH: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The rows combined per token, ``y_MH``, through the backend's fused path
-        (``on_input_grads``: see ``Backend.expert_mlp_combine``)."""
+        (``on_input_grads``, ``out_MH``: see ``Backend.expert_mlp_combine``)."""
         return backend.expert_mlp_combine(
-            x_MH, buckets, self.gate_up_proj, self.down_proj, weights_MR, out_dtype, on_input_grads
+            x_MH, buckets, self.gate_up_proj, self.down_proj, weights_MR, out_dtype, on_input_grads, out_MH
         )
 
 

@@ -93,6 +93,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.profiler import record_function
 
+from moe_replay.parallel.alltoall_peers import PeerTransport
 from moe_replay.parallel.collectives import (
     RowsInFlight,
     align_requires_grad,
@@ -102,6 +103,7 @@ from moe_replay.parallel.collectives import (
     input_needs_grad,
     start_all_to_all_rows,
 )
+from moe_replay.parallel.peers import unavailable_reason as peers_unavailable_reason
 
 if TYPE_CHECKING:
     from torch import nn
@@ -123,9 +125,23 @@ BACKWARD_OVERLAP = os.environ.get("MOE_REPLAY_EP_BACKWARD_OVERLAP", "1") == "1"
 switch for A/B measurements; results are the same either way."""
 
 
+TRANSPORT = os.environ.get("MOE_REPLAY_EP_TRANSPORT", "auto")
+"""How tokens travel by default: ``"peers"`` (symmetric memory, ``moe_replay.parallel.alltoall_peers``),
+``"collectives"`` (``all_to_all_single``, this module), or ``"auto"``: peers where the group has
+symmetric memory on a GPU and the call has one chunk, else collectives. The ``transport``
+attribute overrides it per layer (the same on every rank)."""
+
+TRANSPORTS = ("auto", "peers", "collectives")
+
 COMM_SMS = int(os.environ["MOE_REPLAY_EP_COMM_SMS"]) if "MOE_REPLAY_EP_COMM_SMS" in os.environ else None
 """How many SMs the experts' backward leaves to the all-to-all it overlaps (None: NCCL's cap,
 ``collectives.collective_sms``; 0: none). A switch for A/B measurements."""
+
+
+def comm_sms(device: torch.device) -> int:
+    """How many SMs the experts' backward leaves to the transfer it overlaps: :data:`COMM_SMS`,
+    else NCCL's cap (``collectives.collective_sms``), which the peer transport's push keeps to."""
+    return collective_sms(device) if COMM_SMS is None else COMM_SMS
 
 
 @dataclass(frozen=True)
@@ -184,6 +200,8 @@ class AllToAllDispatcher:
         self.partition = partition
         self.chunks = chunks
         self.overlap_backward = BACKWARD_OVERLAP
+        self.transport = TRANSPORT
+        self._peers: PeerTransport | None = None
         W, E, E_loc = partition.world_size, partition.num_experts, partition.num_local
         local_of_expert = [
             e - partition.first if partition.first <= e < partition.end else E_loc for e in range(E)
@@ -203,10 +221,27 @@ class AllToAllDispatcher:
         holding at least one of its experts (diagnostics; empty before the first call)."""
         return self._last_send_rows
 
+    def transport_for(self, device: torch.device) -> str:
+        """``"peers"`` or ``"collectives"``: the transport a call on ``device`` takes (see
+        :data:`TRANSPORT`)."""
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.transport == "auto":
+            usable = device.type == "cuda" and self.chunks == 1
+            usable = usable and peers_unavailable_reason(self.group, device) is None
+            return "peers" if usable else "collectives"
+        if self.transport == "peers":
+            if self.chunks != 1:
+                raise ValueError(f"the peers transport runs one chunk per call, chunks is {self.chunks}")
+            reason = peers_unavailable_reason(self.group, device)
+            if reason is not None:
+                raise ValueError(f"transport='peers' is unavailable: {reason}")
+        return self.transport
+
     def _send_grads_early(self, flight: RowsInFlight, device: torch.device) -> InputGradsHook:
         """The experts' ``on_input_grads``: start the rows' gradients home, and say how many SMs
-        the all-to-all may hold meanwhile (:data:`COMM_SMS`, else NCCL's cap)."""
-        busy = collective_sms(device) if COMM_SMS is None else COMM_SMS
+        the all-to-all may hold meanwhile (:func:`comm_sms`)."""
+        busy = comm_sms(device)
 
         def send(dx_MH: torch.Tensor | None, dmeta_MM: torch.Tensor | None) -> int:
             flight.send_grads_now(dx_MH, dmeta_MM)
@@ -276,6 +311,14 @@ class AllToAllDispatcher:
         K = routing.expert_ids.shape[1]
         ids_TK = routing.expert_ids.to(device, torch.int32)  # no-op: int32 is Routing's contract
         weights_TK = routing.weights.to(device)  # float32
+        if self.transport_for(device) == "peers":
+            if self._peers is None:
+                self._peers = PeerTransport(self.group, part)
+            overlap, sms = self.overlap_backward, comm_sms(device)
+            y_TH, self._last_send_rows = self._peers(
+                x_TH, ids_TK, weights_TK, experts, backend, self._constant, overlap, sms
+            )
+            return y_TH
         reach = min(part.world_size, K)  # ranks a token can reach: the send list's capacity per token
 
         # The phases are named in profiles (torch.profiler) by these ranges.

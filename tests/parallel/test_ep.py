@@ -157,9 +157,10 @@ def compare_with_reference(
     dtype: torch.dtype = torch.float32,
     tol: dict[str, float] = F32,
     chunks: int | None = None,
+    transport: str | None = None,
 ) -> None:
     """Forward and backward of the EP layer on this rank's tokens against the reference
-    (``chunks``: the alltoall dispatcher's token chunks, if not its default)."""
+    (``chunks``, ``transport``: the alltoall dispatcher's, if not its defaults)."""
     K, S = cfg.top_k, sum(counts)
     gen = torch.Generator().manual_seed(1)
     x_SH = torch.randn(S, H, generator=gen).to(dtype)
@@ -174,6 +175,8 @@ def compare_with_reference(
     ep = expert_parallel(world, cfg, mode, ref, backend)
     if chunks is not None:
         ep.ep.dispatcher.chunks = chunks
+    if transport is not None:
+        ep.ep.dispatcher.transport = transport
     rows, T = world.rows(counts), counts[world.rank]
     lead = (1, T) if batch_axis else (T,)
     x = x_SH[rows].clone().view(*lead, H)

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from moe_replay.backends.base import Backend, ExpertBuckets, InputGradsHook, SendPlan
+from moe_replay.backends.base import Backend, ExpertBuckets, InputGradsHook, PeerArea, PeerExchange, SendPlan
 from moe_replay.backends.torch import quant as reference_quant
-from moe_replay.backends.triton import combine, dispatch, experts, route, send_plan
+from moe_replay.backends.triton import combine, dispatch, experts, peers, route, send_plan
 from moe_replay.backends.triton._common import interpreting
 from moe_replay.config import MoEConfig
 from moe_replay.quantize import QuantizedWeight
@@ -76,9 +76,10 @@ class TritonBackend(Backend):
         weights_MR: torch.Tensor,
         out_dtype: torch.dtype,
         on_input_grads: InputGradsHook | None = None,
+        out_MH: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return experts.expert_mlp_combine(
-            x_MH, buckets, w_gate_up_E2IH, w_down_EHI, weights_MR, out_dtype, on_input_grads
+            x_MH, buckets, w_gate_up_E2IH, w_down_EHI, weights_MR, out_dtype, on_input_grads, out_MH
         )
 
     def prepare_backward(self, grad_fn: object) -> None:
@@ -109,6 +110,20 @@ class TritonBackend(Backend):
         counts_WC3: torch.Tensor,
     ) -> SendPlan:
         return send_plan.send_plan(expert_ids_TK, rank_offsets_W1, chunks, counts_WC3)
+
+    @torch.compiler.disable
+    def pull_rows(self, src: PeerArea, tokens: PeerArea, exchange: PeerExchange) -> torch.Tensor:
+        return peers.pull_rows(src, tokens, exchange)
+
+    @torch.compiler.disable
+    def pull_sum(
+        self, src: PeerArea, slot_of_row_TW: torch.Tensor, exchange: PeerExchange, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        return peers.pull_sum(src, slot_of_row_TW, exchange, out_dtype)
+
+    @torch.compiler.disable
+    def push_rows(self, x_MX: torch.Tensor, dst: PeerArea, exchange: PeerExchange, sms: int) -> None:
+        peers.push_rows(x_MX, dst, exchange, sms)
 
     @torch.compiler.disable
     def quant_expert_mlp(

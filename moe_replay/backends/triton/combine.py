@@ -111,10 +111,17 @@ def gather_sum(
     slot_of_row_MR: torch.Tensor,
     weights_MR: torch.Tensor | None,
     out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """``out_MH`` (written into ``out`` if given: ``[M, H]``, ``out_dtype``, contiguous)."""
     M, R = slot_of_row_MR.shape
     H = src_NH.shape[1]
-    out = torch.empty(M, H, dtype=out_dtype, device=src_NH.device)
+    if out is None:
+        out = torch.empty(M, H, dtype=out_dtype, device=src_NH.device)
+    elif out.shape != (M, H) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous [{M}, {H}] {out_dtype} tensor, got {list(out.shape)} {out.dtype}"
+        )
     if M == 0 or H == 0:
         return out.zero_()
     block_h = _block_h(H)

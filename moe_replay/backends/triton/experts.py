@@ -671,12 +671,13 @@ class _ExpertMLPCombine(torch.autograd.Function):
         offsets_E1,
         out_dtype,
         on_input_grads,
+        out_MH,
     ):  # type: ignore[override]
         buckets = ExpertBuckets(row_of_slot_N, slot_of_row_MR, offsets_E1)
         save = any(ctx.needs_input_grad[:4])
         y_NH, _, gu_N2I = _forward(x_MH, buckets, w_gate_up_E2IH, w_down_EHI, save)
         weights_f32 = weights_MR.float().contiguous()
-        out_MH = gather_sum(y_NH, slot_of_row_MR, weights_f32, out_dtype)
+        out_MH = gather_sum(y_NH, slot_of_row_MR, weights_f32, out_dtype, out_MH)
         if save:
             ctx.save_for_backward(
                 x_MH,
@@ -713,7 +714,7 @@ class _ExpertMLPCombine(torch.autograd.Function):
             return 0 if ctx.on_input_grads is None else ctx.on_input_grads(dx, dweights)
 
         dx, dw_gate_up, dw_down, _ = _backward(dout_MH, saved, needs[:3], inputs_done)
-        return dx, dw_gate_up, dw_down, dweights, None, None, None, None, None
+        return dx, dw_gate_up, dw_down, dweights, None, None, None, None, None, None
 
 
 def prepare_backward(grad_fn: object) -> None:
@@ -755,14 +756,15 @@ def expert_mlp_combine(
     weights_MR: torch.Tensor,
     out_dtype: torch.dtype,
     on_input_grads: InputGradsHook | None = None,
+    out_MH: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y_MH[m] = sum_r weights[m, r] * expert(x_MH[m])`` in ``out_dtype``: the local layer's path.
-    ``on_input_grads``: see ``Backend.expert_mlp_combine``."""
+    ``on_input_grads``, ``out_MH``: see ``Backend.expert_mlp_combine``."""
     _check_dtypes(x_MH, w_gate_up_E2IH, w_down_EHI)
     if not needs_autograd(x_MH, w_gate_up_E2IH, w_down_EHI, weights_MR):  # inference: no graph node
         y_NH, _, _ = _forward(x_MH.contiguous(), buckets, w_gate_up_E2IH, w_down_EHI, False)
-        return gather_sum(y_NH, buckets.slot_of_row_MR, weights_MR.float().contiguous(), out_dtype)
+        return gather_sum(y_NH, buckets.slot_of_row_MR, weights_MR.float().contiguous(), out_dtype, out_MH)
     return _ExpertMLPCombine.apply(
         x_MH.contiguous(), w_gate_up_E2IH, w_down_EHI, weights_MR,
-        buckets.row_of_slot_N, buckets.slot_of_row_MR, buckets.offsets_E1, out_dtype, on_input_grads,
+        buckets.row_of_slot_N, buckets.slot_of_row_MR, buckets.offsets_E1, out_dtype, on_input_grads, out_MH,
     )  # fmt: skip

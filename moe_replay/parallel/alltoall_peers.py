@@ -1,0 +1,314 @@
+"""The ``alltoall`` dispatcher's peer transport: the same trip of each token to its experts'
+ranks and back, through symmetric memory (``moe_replay.parallel.peers``) instead of NCCL.
+
+Shape legend as in ``moe_replay.parallel.alltoall``: W ranks, T this rank's tokens, S rows of its
+send list (one per token and rank holding one of its experts), M rows it receives, H hidden,
+K experts per token.
+
+Data movement, on each rank (every step a backend stage, every arrow a barrier of the group)::
+
+    origin    send_plan; all-gather of the counts (every rank learns the W x W matrix); host sync
+              stage: x_TH, meta_TM = [gate weights | ids] and the send list's tokens into this
+              rank's symmetric rows                                                   ─► barrier
+    receiver  pull_rows: x_MH[m] = origin's x[token of its place for m]   (and meta; one kernel
+              each, reading the origins' rows over NVLink: the permutation and the transfer in one)
+              experts + combine, written into this rank's symmetric rows               ─► barrier
+    origin    pull_sum: y_TH[t] = sum of t's <= W partials, read from the receivers' rows,
+              float32, rank order (the return and the sum in one)
+
+Backward::
+
+    origin    stage dy_TH (and the tokens again)                                       ─► barrier
+    receiver  pull_rows: dy_MH; the experts' backward; as soon as dx_MH and the gate weights'
+              gradient are done (``on_input_grads``), push_rows writes them into their origins'
+              rows, on a side stream next to the weight-gradient GEMMs             ─► barrier
+    origin    each token's gradient rows summed (the send list's buckets), x and gate weights
+
+Compared with NCCL's all-to-all: no permutation into send buffers (the pull reads the origin's
+rows where they are), no separate pass for the partials' sum, no padding to a capacity, and the
+loads and stores run on every SM, not 32. The receiver's rows (x_MH, which the experts' backward
+keeps) are its own tensors: only staging and return rows live in symmetric memory.
+
+Why every barrier is enough. A rank's staging rows are written by it and read by the others
+between two barriers; its return rows are written (by it in the forward, by the others in the
+backward) and then read after a barrier. The next write to either comes after the next exchange's
+first barrier, which no rank passes before every rank has done its reads of the last one (stream
+order on each rank). So one buffer per group serves every layer, forward and backward, activation
+checkpointing included; it grows (collectively, every rank agreeing from the count matrix) when a
+call needs more rows than it has. The side stream's push ends with its own barrier on another
+channel, and the main stream waits for it before the next exchange.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from moe_replay.backends.base import ExpertBuckets, PeerArea, PeerExchange, SendPlan
+from moe_replay.parallel.collectives import align_requires_grad, input_needs_grad
+from moe_replay.parallel.peers import PeerMemory, peer_memory, row_layout
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.distributed import ProcessGroup
+
+    from moe_replay.backends.base import Backend, InputGradsHook
+    from moe_replay.parallel.partition import ExpertPartition
+
+# all_gather_single is all_gather_into_tensor's new name (torch 2.13 deprecates the old one).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+SIDE_CHANNEL = 1  # the barrier channel of the side stream's push (the main stream's is 0)
+
+
+@dataclass(frozen=True)
+class _Areas:
+    """The symmetric rows of one call: staged by each origin (``stage_*``, read by receivers),
+    and returned (``back_*``: receivers' partials in the forward, origins' gradient rows in the
+    backward)."""
+
+    stage_rows: PeerArea
+    stage_meta: PeerArea
+    stage_tokens: PeerArea
+    back_rows: PeerArea
+    back_meta: PeerArea
+
+    @staticmethod
+    def row_bytes(H: int, M2: int, dtype: torch.dtype) -> list[int]:
+        item = torch.empty((), dtype=dtype).element_size()
+        return [H * item, M2 * 4, 4, H * item, M2 * 4]
+
+    @staticmethod
+    def carve(memory: PeerMemory, H: int, M2: int, dtype: torch.dtype) -> _Areas:
+        """As many rows of each as ``memory`` holds."""
+        row_bytes = _Areas.row_bytes(H, M2, dtype)
+        rows = 1
+        while row_layout(2 * rows, row_bytes)[1] <= memory.nbytes:
+            rows *= 2
+        step = rows // 2
+        while step:  # the largest row count that fits
+            if row_layout(rows + step, row_bytes)[1] <= memory.nbytes:
+                rows += step
+            step //= 2
+        offsets, _ = row_layout(rows, row_bytes)
+        shapes = [(rows, H), (rows, M2), (rows,), (rows, H), (rows, M2)]
+        dtypes = [dtype, torch.float32, torch.int32, dtype, torch.float32]
+        return _Areas(*(memory.area(o, s, d) for o, s, d in zip(offsets, shapes, dtypes)))
+
+
+@dataclass
+class _Call:
+    """What a forward call hands its backward (and the early push in between)."""
+
+    memory: PeerMemory
+    areas: _Areas
+    exchange: PeerExchange
+    plan: SendPlan
+    to_ranks: ExpertBuckets
+    """The send list as buckets over the ranks: ``slot_of_row_MR`` is ``[T, W]``, each token's
+    place for each rank (-1: none)."""
+    backend: Backend
+    out_dtype: torch.dtype
+    comm_sms: int
+    early: tuple | None = None
+    """``(dx_MH, dmeta_MM, done event or None)`` once ``push_early`` pushed them."""
+
+    @property
+    def me(self) -> int:
+        return self.exchange.rank
+
+    @property
+    def device(self) -> torch.device:
+        return self.areas.back_rows.views[self.me].device
+
+    def stage_tokens(self) -> None:
+        S = self.exchange.num_sent
+        self.areas.stage_tokens.views[self.me][:S].copy_(self.plan.token_of_slot_CL[0, :S])
+
+    def push(self, dx_MH: torch.Tensor | None, dmeta_MM: torch.Tensor | None, sms: int, channel: int) -> None:
+        """Every received row's gradients to its origin's return rows, then a barrier."""
+        M = self.exchange.num_received
+        rows, meta = self.areas.back_rows, self.areas.back_meta
+        H, M2 = rows.views[self.me].shape[1], meta.views[self.me].shape[1]
+        device = self.device
+        # Every rank pushes both, whether or not it has gradients for them (zeros then): its
+        # origins sum whatever their rows hold.
+        if dx_MH is None:
+            dx_MH = torch.zeros(M, H, dtype=rows.views[self.me].dtype, device=device)
+        if dmeta_MM is None:
+            dmeta_MM = torch.zeros(M, M2, dtype=torch.float32, device=device)
+        self.backend.push_rows(dx_MH.to(rows.views[self.me].dtype).contiguous(), rows, self.exchange, sms)
+        self.backend.push_rows(dmeta_MM.float().contiguous(), meta, self.exchange, sms)
+        self.memory.barrier(channel)
+
+    def push_early(self, dx_MH: torch.Tensor | None, dmeta_MM: torch.Tensor | None) -> int:
+        """The experts' ``on_input_grads``: push on a side stream (CUDA) while their weight
+        gradients run; returns the SMs the push may hold."""
+        if self.early is not None:
+            raise RuntimeError("the peer transport's gradients were pushed twice in one backward")
+        device = self.device
+        if device.type != "cuda":
+            self.push(dx_MH, dmeta_MM, 0, 0)
+            self.early = (dx_MH, dmeta_MM, None)
+            return 0
+        main, side = torch.cuda.current_stream(device), _side_stream(device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            self.push(dx_MH, dmeta_MM, self.comm_sms, SIDE_CHANNEL)
+            done = torch.cuda.Event()
+            done.record(side)
+        self.early = (dx_MH, dmeta_MM, done)
+        return self.comm_sms
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device, priority=-1)
+    return _SIDE_STREAMS[device]
+
+
+class _PullRows(torch.autograd.Function):
+    """Origin's ``(x_TH, meta_TM)`` -> receiver's ``(x_MH, meta_MM)``; backward: the gradient rows
+    pushed home (unless ``on_input_grads`` pushed them already) and summed per token."""
+
+    @staticmethod
+    def forward(ctx, call: _Call, x_TH, meta_TM):  # type: ignore[override]
+        ctx.call = call
+        ctx.set_materialize_grads(False)
+        areas, me, T = call.areas, call.me, x_TH.shape[0]
+        areas.stage_rows.views[me][:T].copy_(x_TH)
+        areas.stage_meta.views[me][:T].copy_(meta_TM)
+        call.stage_tokens()
+        call.memory.barrier()
+        x_MH = call.backend.pull_rows(areas.stage_rows, areas.stage_tokens, call.exchange)
+        meta_MM = call.backend.pull_rows(areas.stage_meta, areas.stage_tokens, call.exchange)
+        return x_MH, meta_MM
+
+    @staticmethod
+    def backward(ctx, dx_MH, dmeta_MM):  # type: ignore[override]
+        call = ctx.call
+        if call.early is None:
+            call.push(dx_MH, dmeta_MM, 0, 0)
+        else:
+            (sent_x, sent_meta, done), call.early = call.early, None
+            for got, sent in ((dx_MH, sent_x), (dmeta_MM, sent_meta)):
+                if got is not None and (sent is None or got.data_ptr() != sent.data_ptr()):
+                    raise RuntimeError(
+                        "the gradient of the received rows changed after on_input_grads pushed it: "
+                        "the rows have another consumer besides the experts"
+                    )
+            if done is not None:
+                torch.cuda.current_stream(call.device).wait_event(done)
+        S, me, to_ranks = call.exchange.num_sent, call.me, call.to_ranks
+        ones_TW = torch.ones(to_ranks.slot_of_row_MR.shape, dtype=torch.float32, device=call.device)
+        rows, meta = call.areas.back_rows.views[me][:S], call.areas.back_meta.views[me][:S]
+        dx_TH = call.backend.combine(rows, to_ranks, ones_TW, rows.dtype)
+        dmeta_TM = call.backend.combine(meta, to_ranks, ones_TW, torch.float32)
+        return None, dx_TH, dmeta_TM
+
+
+class _PullSum(torch.autograd.Function):
+    """Receiver's partials ``y_MH`` (in its return rows) -> origin's ``y_TH``; backward: the
+    origin's ``dy_TH`` staged and pulled by the receivers."""
+
+    @staticmethod
+    def forward(ctx, call: _Call, y_MH):  # type: ignore[override]
+        ctx.call = call
+        call.memory.barrier()  # every receiver's partials are written
+        slot_of_row_TW = call.to_ranks.slot_of_row_MR
+        return call.backend.pull_sum(call.areas.back_rows, slot_of_row_TW, call.exchange, call.out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy_TH):  # type: ignore[override]
+        call, me = ctx.call, ctx.call.me
+        rows = call.areas.stage_rows
+        rows.views[me][: dy_TH.shape[0]].copy_(dy_TH)
+        call.stage_tokens()
+        call.memory.barrier()
+        return None, call.backend.pull_rows(rows, call.areas.stage_tokens, call.exchange)
+
+
+class PeerTransport:
+    """The peer transport of one ``AllToAllDispatcher`` (module docstring): its count buffers and
+    the areas of the group's symmetric memory it last used."""
+
+    def __init__(self, group: ProcessGroup, partition: ExpertPartition) -> None:
+        self.group = group
+        self.partition = partition
+        self.rank = dist.get_rank(group)
+        self._buffers: dict[tuple[bool, torch.device], tuple[torch.Tensor, ...]] = {}
+        self._counts_ready: torch.cuda.Event | None = None
+        self._areas: tuple[PeerMemory, int, int, torch.dtype, _Areas] | None = None
+
+    def _count_buffers(self, needs_grad: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``(sent_W13, gathered_WW13, host_WW13)``: what this rank sends each rank (rows, pairs,
+        grad flag; ``send_plan`` fills the first two), every rank's (all-gathered), and its pinned
+        host copy. Reused from call to call; the flag is written once."""
+        key = (needs_grad, device)
+        if key not in self._buffers:
+            W = self.partition.world_size
+            sent = torch.full((W, 1, 3), int(needs_grad), dtype=torch.int32, device=device)
+            gathered = torch.empty((W, W, 1, 3), dtype=torch.int32, device=device)
+            host = torch.empty_like(gathered, device="cpu", pin_memory=device.type == "cuda")
+            self._buffers[key] = (sent, gathered, host)
+        return self._buffers[key]
+
+    def __call__(
+        self,
+        x_TH: torch.Tensor,
+        ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
+        experts: nn.Module,
+        backend: Backend,
+        constant: Callable[[str, torch.device], torch.Tensor],
+        overlap_backward: bool,
+        comm_sms: int,
+    ) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """``(y_TH, rows sent to each rank)``."""
+        part, device, me = self.partition, x_TH.device, self.rank
+        W, K, H = part.world_size, ids_TK.shape[1], x_TH.shape[1]
+        needs_grad = input_needs_grad(x_TH) or input_needs_grad(weights_TK)
+        sent, gathered, host = self._count_buffers(needs_grad, device)
+        plan = backend.send_plan(ids_TK, constant("rank_offsets_W1", device), 1, sent)
+        _all_gather_single(gathered.view(-1), sent.view(-1), group=self.group)
+        if device.type == "cuda":
+            host.copy_(gathered, non_blocking=True)
+            if self._counts_ready is None:
+                self._counts_ready = torch.cuda.Event()
+            self._counts_ready.record()
+        meta_TM = torch.cat([weights_TK, ids_TK], dim=1)  # [T, 2K] float32 (ids promoted)
+        if device.type == "cuda":
+            self._counts_ready.synchronize()  # the one host sync
+            counts = host.tolist()
+        else:
+            counts = gathered.tolist()
+        rows = tuple(tuple(counts[s][d][0][0] for d in range(W)) for s in range(W))
+        exchange = PeerExchange(rank=me, rows=rows, counts_WW3=gathered.view(W, W, 3))
+        any_needs_grad = any(counts[s][d][0][2] for s in range(W) for d in range(W))
+        pairs = sum(counts[s][me][0][1] for s in range(W))
+
+        # The rows an area needs, the most over ranks: every rank asks for the same memory.
+        most = max(1, *(sum(r) for r in rows), *(sum(r[d] for r in rows) for d in range(W)))
+        memory = peer_memory(self.group, device, row_layout(most, _Areas.row_bytes(H, 2 * K, x_TH.dtype))[1])
+        if self._areas is None or self._areas[:4] != (memory, H, 2 * K, x_TH.dtype):
+            self._areas = (memory, H, 2 * K, x_TH.dtype, _Areas.carve(memory, H, 2 * K, x_TH.dtype))
+        areas = self._areas[4]
+        _, to_ranks = plan.chunk(0, exchange.num_sent)
+        call = _Call(memory, areas, exchange, plan, to_ranks, backend, x_TH.dtype, comm_sms)
+
+        x_TH = align_requires_grad(x_TH, any_needs_grad)  # a rank without gradients joins the backward
+        x_MH, meta_MM = _PullRows.apply(call, x_TH, meta_TM)
+        local_of_expert_E = constant("local_of_expert_E", device)
+        buckets = backend.received_buckets(meta_MM, local_of_expert_E, part.num_local, pairs)
+        # The early push only where _PullRows' backward will run and wait for it.
+        early: InputGradsHook | None = call.push_early if overlap_backward and any_needs_grad else None
+        out_MH = areas.back_rows.views[me][: exchange.num_received]
+        y_MH = experts.forward_combined(x_MH, buckets, meta_MM, backend, x_TH.dtype, early, out_MH)
+        return _PullSum.apply(call, y_MH), rows[me]

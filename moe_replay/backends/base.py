@@ -175,6 +175,15 @@ class PeerExchange:
         return self.recv_start(self.rank, self.world_size)
 
 
+@dataclass(frozen=True)
+class PeerRows:
+    """Rows to be written to their origins (the peer transport's combine): receiver row
+    ``recv_start(rank, s) + i`` to origin s's place ``send_start(s, rank) + i`` of ``area``."""
+
+    area: PeerArea
+    exchange: PeerExchange
+
+
 class Backend(ABC):
     """One implementation of every pipeline stage. Register instances with ``registry.register``."""
 
@@ -236,7 +245,7 @@ class Backend(ABC):
         weights_MR: torch.Tensor,
         out_dtype: torch.dtype,
         on_input_grads: InputGradsHook | None = None,
-        out_MH: torch.Tensor | None = None,
+        out_MH: torch.Tensor | PeerRows | None = None,
     ) -> torch.Tensor:
         """``combine(expert_mlp(x_MH, ...), ...)``: the local layer's path, which a backend may fuse
         (the triton backend's backward then never materialises the routed rows' gradient). ``-1``
@@ -250,11 +259,12 @@ class Backend(ABC):
         may occupy meanwhile (0 for none), which the backend's next GEMM leaves free. Here (plain
         autograd ops) there is no such point, and it is not called.
 
-        ``out_MH``: where to write the result (``[M, H]``, ``out_dtype``; the expert-parallel peer
-        transport passes rows of its symmetric memory, which other ranks read); it is returned."""
+        ``out_MH``: where to write the result: a ``[M, H]`` ``out_dtype`` tensor, returned; or
+        :class:`PeerRows` (the expert-parallel peer transport), each row to its origin's rows, and
+        an ``[M, H]`` placeholder (no values; its gradient is the rows' gradient) returned."""
         y_NH = self.expert_mlp(x_MH, buckets, w_gate_up_E2IH, w_down_EHI)
         y_MH = self.combine(y_NH, buckets, weights_MR, out_dtype)
-        return write_into(y_MH, out_MH)
+        return write_into(y_MH, out_MH, self)
 
     def prepare_backward(self, grad_fn: object) -> None:
         """Queue the work of the backward of ``grad_fn`` (the autograd node of an
@@ -311,27 +321,19 @@ class Backend(ABC):
             offsets_E1=pairs.offsets_E1[: num_local + 1],
         )
 
-    def pull_rows(self, src: PeerArea, tokens: PeerArea, exchange: PeerExchange) -> torch.Tensor:
+    def pull_rows(
+        self, src: PeerArea, exchange: PeerExchange, token_M: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The expert-parallel peer transport's dispatch, run by each receiver: its
-        ``exchange.num_received`` rows, ``out[recv_start(rank, s) + i] = src[s][tokens[s][p]]`` for
-        origin s's place ``p = send_start(s, rank) + i`` (``tokens``: each origin's send list,
-        int32 token indices; ``src``: its staged token rows). Not differentiable (the dispatcher's
-        autograd node is). The plain torch ops here, on the peers' mapped views, are the
-        reference."""
+        ``M = exchange.num_received`` rows, row ``m = recv_start(rank, s) + i`` read from origin s:
+        ``src[s][token_M[m]]`` (``token_M``: int32, each row's token on its origin), or without
+        ``token_M`` ``src[s][p]``, at s's place ``p = send_start(s, rank) + i`` (how a receiver
+        reads its rows' tokens from their origins' send lists). Not differentiable (the
+        dispatcher's autograd node is). The plain torch ops here, on the peers' mapped views,
+        are the reference."""
         from moe_replay.backends.torch.peers import pull_rows
 
-        return pull_rows(src, tokens, exchange)
-
-    def pull_sum(
-        self, src: PeerArea, slot_of_row_TW: torch.Tensor, exchange: PeerExchange, out_dtype: torch.dtype
-    ) -> torch.Tensor:
-        """The peer transport's return, run by each origin: ``out[t] = sum_r src[r][row(t, r)]`` over
-        the ranks r with ``slot_of_row_TW[t, r] = p >= 0`` (t's place in this rank's send list),
-        ``row(t, r) = recv_start(r, rank) + p - send_start(rank, r)``: each receiver's partial sum
-        for t, added in float32 in rank order. Not differentiable; torch reference here."""
-        from moe_replay.backends.torch.peers import pull_sum
-
-        return pull_sum(src, slot_of_row_TW, exchange, out_dtype)
+        return pull_rows(src, exchange, token_M)
 
     def push_rows(self, x_MX: torch.Tensor, dst: PeerArea, exchange: PeerExchange, sms: int) -> None:
         """The peer transport's backward of ``pull_rows``' rows, run by each receiver: its received
@@ -349,9 +351,32 @@ class Backend(ABC):
         raise ValueError(f"backend {self.name!r} has no quantized experts; use backend='torch' for QuantMoE")
 
 
-def write_into(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """``y``, or ``out`` holding ``y``'s values (differentiable as ``y``) if given."""
-    return y if out is None else _WriteInto.apply(y, out)
+def write_into(y: torch.Tensor, out: torch.Tensor | PeerRows | None, backend: Backend) -> torch.Tensor:
+    """``y`` where ``Backend.expert_mlp_combine``'s ``out_MH`` says: ``y`` itself (None), ``out``
+    holding its values, or pushed to the peers (``backend.push_rows``) and a placeholder.
+    Differentiable as ``y``."""
+    if out is None:
+        return y
+    if isinstance(out, PeerRows):
+        return _PushInto.apply(y, out, backend)
+    return _WriteInto.apply(y, out)
+
+
+def peer_placeholder(rows: int, like: torch.Tensor) -> torch.Tensor:
+    """``[rows, H]`` of ``like``'s dtype and device without memory: what a stage returns for rows it
+    wrote to other ranks (autograd needs an output, and its gradient's shape)."""
+    return like.new_zeros(()).expand(rows, like.shape[1])
+
+
+class _PushInto(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, out, backend):  # type: ignore[override]
+        backend.push_rows(y.contiguous(), out.area, out.exchange, 0)
+        return peer_placeholder(y.shape[0], y)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None, None
 
 
 class _WriteInto(torch.autograd.Function):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_replay.backends.base import Backend, ExpertBuckets, InputGradsHook
+from moe_replay.backends.base import Backend, ExpertBuckets, InputGradsHook, PeerRows
 from moe_replay.backends.registry import get_backend, registered_backends
 from moe_replay.config import MoEConfig
 from moe_replay.parallel.expert_parallel import setup_expert_parallel
@@ -103,7 +103,7 @@ class Experts(nn.Module):
         backend: Backend,
         out_dtype: torch.dtype,
         on_input_grads: InputGradsHook | None = None,
-        out_MH: torch.Tensor | None = None,
+        out_MH: torch.Tensor | PeerRows | None = None,
     ) -> torch.Tensor:
         """The rows combined per token, ``y_MH``, through the backend's fused path
         (``on_input_grads``, ``out_MH``: see ``Backend.expert_mlp_combine``)."""

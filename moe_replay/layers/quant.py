@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_replay.backends.base import Backend, ExpertBuckets, InputGradsHook, write_into
+from moe_replay.backends.base import Backend, ExpertBuckets, InputGradsHook, PeerRows, write_into
 from moe_replay.layers.moe import MoE, MoELayer
 from moe_replay.parallel.state import keep_local_experts
 from moe_replay.quantize import WEIGHT_DTYPES, QuantizedWeight, quantize_weight
@@ -67,12 +67,12 @@ class QuantExperts(nn.Module):
         backend: Backend,
         out_dtype: torch.dtype,
         on_input_grads: InputGradsHook | None = None,
-        out_MH: torch.Tensor | None = None,
+        out_MH: torch.Tensor | PeerRows | None = None,
     ) -> torch.Tensor:
         """The rows combined per token, ``y_MH`` (inference only: ``on_input_grads`` is never
         called, as there is no backward; ``out_MH``: see ``Backend.expert_mlp_combine``)."""
         y_MH = backend.combine(self(x_MH, buckets, backend), buckets, weights_MR, out_dtype)
-        return write_into(y_MH, out_MH)
+        return write_into(y_MH, out_MH, backend)
 
     def extra_repr(self) -> str:
         return (

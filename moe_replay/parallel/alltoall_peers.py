@@ -8,35 +8,39 @@ K experts per token.
 Data movement, on each rank (every step a backend stage, every arrow a barrier of the group)::
 
     origin    send_plan; all-gather of the counts (every rank learns the W x W matrix); host sync
-              stage: x_TH, meta_TM = [gate weights | ids] and the send list's tokens into this
-              rank's symmetric rows                                                   ─► barrier
-    receiver  pull_rows: x_MH[m] = origin's x[token of its place for m]   (and meta; one kernel
-              each, reading the origins' rows over NVLink: the permutation and the transfer in one)
-              experts + combine, written into this rank's symmetric rows               ─► barrier
-    origin    pull_sum: y_TH[t] = sum of t's <= W partials, read from the receivers' rows,
-              float32, rank order (the return and the sum in one)
+              stage x_TH, meta_TM = [gate weights | ids] and the send list's tokens in this
+              rank's symmetric rows                                                    ─► barrier
+    receiver  pull_rows: token_M, each row's token from its origin's send list; then x_MH and
+              meta_MM, read from the origins' staged rows over NVLink (the permutation and the
+              transfer in one kernel each)
+              experts + combine, the combine writing each row's partial sum into its origin's
+              return rows, at the row's place in the origin's send list                ─► barrier
+    origin    y_TH[t] = sum of t's <= W partials, float32, rank order (a local gather)
 
 Backward::
 
-    origin    stage dy_TH (and the tokens again)                                       ─► barrier
-    receiver  pull_rows: dy_MH; the experts' backward; as soon as dx_MH and the gate weights'
-              gradient are done (``on_input_grads``), push_rows writes them into their origins'
-              rows, on a side stream next to the weight-gradient GEMMs             ─► barrier
-    origin    each token's gradient rows summed (the send list's buckets), x and gate weights
+    origin    stage dy_TH                                                              ─► barrier
+    receiver  pull_rows: dy_MH (by token_M); the experts' backward; as soon as dx_MH and the
+              gate weights' gradient are done (``on_input_grads``), push_rows writes them into
+              their origins' return rows, on a side stream next to the weight-gradient GEMMs,
+              which leave it the SMs it runs on                                        ─► barrier
+    origin    each token's gradient rows summed (the send list's buckets): x's and the gate
+              weights' gradients
 
-Compared with NCCL's all-to-all: no permutation into send buffers (the pull reads the origin's
-rows where they are), no separate pass for the partials' sum, no padding to a capacity, and the
-loads and stores run on every SM, not 32. The receiver's rows (x_MH, which the experts' backward
-keeps) are its own tensors: only staging and return rows live in symmetric memory.
+Compared with NCCL's all-to-all: no permutation into send buffers (the receiver reads the
+origin's rows where they are), no separate pass for the return (the combine writes remote rows),
+no buffers at a capacity, and the loads and stores run on every SM, not NCCL's 32. The receiver's
+rows (x_MH, which the experts' backward keeps) are its own tensors: only staged and returned rows
+live in symmetric memory.
 
-Why every barrier is enough. A rank's staging rows are written by it and read by the others
-between two barriers; its return rows are written (by it in the forward, by the others in the
-backward) and then read after a barrier. The next write to either comes after the next exchange's
-first barrier, which no rank passes before every rank has done its reads of the last one (stream
-order on each rank). So one buffer per group serves every layer, forward and backward, activation
-checkpointing included; it grows (collectively, every rank agreeing from the count matrix) when a
-call needs more rows than it has. The side stream's push ends with its own barrier on another
-channel, and the main stream waits for it before the next exchange.
+Why the barriers are enough. A rank's staged rows are written by it and read by the others
+between two barriers; its return rows are written by the others and read by it after a barrier.
+The next write to either comes after the next exchange's first barrier, which no rank passes
+before every rank has done its reads of the last one (stream order on each rank). So one buffer
+per group serves every layer, forward and backward, activation checkpointing included; it grows
+(collectively, every rank agreeing from the count matrix) when a call needs more rows than it
+has. The side stream's push ends with its own barrier on another channel, and the main stream
+waits for it before the next exchange.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from moe_replay.backends.base import ExpertBuckets, PeerArea, PeerExchange, SendPlan
+from moe_replay.backends.base import ExpertBuckets, PeerArea, PeerExchange, PeerRows, SendPlan
 from moe_replay.parallel.collectives import align_requires_grad, input_needs_grad
 from moe_replay.parallel.peers import PeerMemory, peer_memory, row_layout
 
@@ -114,6 +118,8 @@ class _Call:
     backend: Backend
     out_dtype: torch.dtype
     comm_sms: int
+    token_M: torch.Tensor | None = None
+    """Each received row's token on its origin (pulled once in the forward, used again for dy)."""
     early: tuple | None = None
     """``(dx_MH, dmeta_MM, done event or None)`` once ``push_early`` pushed them."""
 
@@ -125,9 +131,12 @@ class _Call:
     def device(self) -> torch.device:
         return self.areas.back_rows.views[self.me].device
 
-    def stage_tokens(self) -> None:
-        S = self.exchange.num_sent
-        self.areas.stage_tokens.views[self.me][:S].copy_(self.plan.token_of_slot_CL[0, :S])
+    def sum_per_token(self, area: PeerArea, out_dtype: torch.dtype) -> torch.Tensor:
+        """``out[t] = sum of area's rows at t's places`` (this rank's rows of ``area`` in its send
+        list's order), float32 in rank order: each token's partials, or its gradient rows."""
+        S, slot_of_row_TW = self.exchange.num_sent, self.to_ranks.slot_of_row_MR
+        ones_TW = torch.ones(slot_of_row_TW.shape, dtype=torch.float32, device=self.device)
+        return self.backend.combine(area.views[self.me][:S], self.to_ranks, ones_TW, out_dtype)
 
     def push(self, dx_MH: torch.Tensor | None, dmeta_MM: torch.Tensor | None, sms: int, channel: int) -> None:
         """Every received row's gradients to its origin's return rows, then a barrier."""
@@ -182,14 +191,14 @@ class _PullRows(torch.autograd.Function):
     def forward(ctx, call: _Call, x_TH, meta_TM):  # type: ignore[override]
         ctx.call = call
         ctx.set_materialize_grads(False)
-        areas, me, T = call.areas, call.me, x_TH.shape[0]
+        areas, me, T, S = call.areas, call.me, x_TH.shape[0], call.exchange.num_sent
         areas.stage_rows.views[me][:T].copy_(x_TH)
         areas.stage_meta.views[me][:T].copy_(meta_TM)
-        call.stage_tokens()
+        areas.stage_tokens.views[me][:S].copy_(call.plan.token_of_slot_CL[0, :S])
         call.memory.barrier()
-        x_MH = call.backend.pull_rows(areas.stage_rows, areas.stage_tokens, call.exchange)
-        meta_MM = call.backend.pull_rows(areas.stage_meta, areas.stage_tokens, call.exchange)
-        return x_MH, meta_MM
+        pull, exchange = call.backend.pull_rows, call.exchange
+        call.token_M = token_M = pull(areas.stage_tokens, exchange)  # each row's token on its origin
+        return pull(areas.stage_rows, exchange, token_M), pull(areas.stage_meta, exchange, token_M)
 
     @staticmethod
     def backward(ctx, dx_MH, dmeta_MM):  # type: ignore[override]
@@ -206,33 +215,29 @@ class _PullRows(torch.autograd.Function):
                     )
             if done is not None:
                 torch.cuda.current_stream(call.device).wait_event(done)
-        S, me, to_ranks = call.exchange.num_sent, call.me, call.to_ranks
-        ones_TW = torch.ones(to_ranks.slot_of_row_MR.shape, dtype=torch.float32, device=call.device)
-        rows, meta = call.areas.back_rows.views[me][:S], call.areas.back_meta.views[me][:S]
-        dx_TH = call.backend.combine(rows, to_ranks, ones_TW, rows.dtype)
-        dmeta_TM = call.backend.combine(meta, to_ranks, ones_TW, torch.float32)
-        return None, dx_TH, dmeta_TM
+        back = call.areas
+        dx_TH = call.sum_per_token(back.back_rows, back.back_rows.views[call.me].dtype)
+        return None, dx_TH, call.sum_per_token(back.back_meta, torch.float32)
 
 
-class _PullSum(torch.autograd.Function):
-    """Receiver's partials ``y_MH`` (in its return rows) -> origin's ``y_TH``; backward: the
-    origin's ``dy_TH`` staged and pulled by the receivers."""
+class _SumPartials(torch.autograd.Function):
+    """The receivers' partials, which their combine wrote into this origin's return rows, summed
+    per token: ``y_TH``. Its input is the combine's placeholder (for autograd's graph and the
+    gradient's shape). Backward: ``dy_TH`` staged and pulled by the receivers."""
 
     @staticmethod
-    def forward(ctx, call: _Call, y_MH):  # type: ignore[override]
+    def forward(ctx, call: _Call, placeholder_MH):  # type: ignore[override]
         ctx.call = call
         call.memory.barrier()  # every receiver's partials are written
-        slot_of_row_TW = call.to_ranks.slot_of_row_MR
-        return call.backend.pull_sum(call.areas.back_rows, slot_of_row_TW, call.exchange, call.out_dtype)
+        return call.sum_per_token(call.areas.back_rows, call.out_dtype)
 
     @staticmethod
     def backward(ctx, dy_TH):  # type: ignore[override]
         call, me = ctx.call, ctx.call.me
         rows = call.areas.stage_rows
         rows.views[me][: dy_TH.shape[0]].copy_(dy_TH)
-        call.stage_tokens()
         call.memory.barrier()
-        return None, call.backend.pull_rows(rows, call.areas.stage_tokens, call.exchange)
+        return None, call.backend.pull_rows(rows, call.exchange, call.token_M)
 
 
 class PeerTransport:
@@ -309,6 +314,6 @@ class PeerTransport:
         buckets = backend.received_buckets(meta_MM, local_of_expert_E, part.num_local, pairs)
         # The early push only where _PullRows' backward will run and wait for it.
         early: InputGradsHook | None = call.push_early if overlap_backward and any_needs_grad else None
-        out_MH = areas.back_rows.views[me][: exchange.num_received]
-        y_MH = experts.forward_combined(x_MH, buckets, meta_MM, backend, x_TH.dtype, early, out_MH)
-        return _PullSum.apply(call, y_MH), rows[me]
+        to_origins = PeerRows(areas.back_rows, exchange)  # the combine writes each row home
+        placeholder = experts.forward_combined(x_MH, buckets, meta_MM, backend, x_TH.dtype, early, to_origins)
+        return _SumPartials.apply(call, placeholder), rows[me]

@@ -1,7 +1,7 @@
-"""The peer transport's stages (``pull_rows``, ``pull_sum``, ``push_rows``) of every backend
-against naive loops, in one process: W "ranks" are W tensors of this process, and a
-``PeerArea`` holds their views and addresses as a group's symmetric memory would (the kernels
-cannot tell the difference). The transport across processes is tested in
+"""The peer transport's stages (``pull_rows``, ``push_rows``, ``expert_mlp_combine`` into
+``PeerRows``) of every backend against naive loops, in one process: W "ranks" are W tensors of
+this process, and a ``PeerArea`` holds their views and addresses as a group's symmetric memory
+would (the kernels cannot tell the difference). The transport across processes is tested in
 ``tests/parallel/test_ep.py``.
 
 Shape legend: W ranks, T a rank's tokens, M rows a rank receives, X a row's width.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_replay.backends.base import PeerArea, PeerExchange
+from moe_replay.backends.base import PeerArea, PeerExchange, PeerRows
 from moe_replay.backends.registry import available_backends, get_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,6 +69,7 @@ CASES = [(1, [5]), (2, [7, 0]), (3, [4, 9, 6]), (4, [3, 1, 0, 8])]
 def test_pull_rows_reads_each_origins_tokens(
     backend: str, W: int, tokens: list[int], dtype: torch.dtype
 ) -> None:
+    """First the tokens of the rows (by place, from the origins' send lists), then the rows."""
     gen = torch.Generator().manual_seed(W)
     X, spare = 24, 3  # every rank's area holds more rows than it uses
     lists, _, rows = send_lists(random_routes(W, tokens, gen))
@@ -77,35 +78,53 @@ def test_pull_rows_reads_each_origins_tokens(
     src, tok = local_area(xs), local_area(toks)
     for me in range(W):
         exchange = exchange_of(me, rows)
-        out = get_backend(backend, DEVICE).pull_rows(src, tok, exchange)
-        expected = [xs[s][lists[s][i].item()] for s in range(W) for i in range(len(lists[s]))
-                    if sum(rows[s][:me]) <= i < sum(rows[s][: me + 1])]  # fmt: skip
+        stages = get_backend(backend, DEVICE)
+        token_M = stages.pull_rows(tok, exchange)
+        out = stages.pull_rows(src, exchange, token_M)
+        # Receiver me's rows: each origin's places for me, origins in rank order.
+        places = [(s, i) for s in range(W) for i in range(sum(rows[s][:me]), sum(rows[s][: me + 1]))]
+        assert token_M.dtype == torch.int32 and token_M.tolist() == [lists[s][i].item() for s, i in places]
         assert out.shape == (exchange.num_received, X) and out.dtype == dtype
-        if expected:
-            assert torch.equal(out, torch.stack(expected))
+        if places:
+            assert torch.equal(out, torch.stack([xs[s][lists[s][i].item()] for s, i in places]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("W", "tokens"), CASES)
-def test_pull_sum_adds_each_tokens_partials_in_rank_order(backend: str, W: int, tokens: list[int]) -> None:
-    gen = torch.Generator().manual_seed(10 + W)
-    X = 40
-    _, slots, rows = send_lists(random_routes(W, tokens, gen))
-    received = [sum(rows[s][d] for s in range(W)) for d in range(W)]
-    ys = [torch.randn(max(received) + 2, X, generator=gen).to(DEVICE) for _ in range(W)]
-    src = local_area(ys)
+def test_expert_mlp_combine_writes_rows_to_their_origins(backend: str, W: int, tokens: list[int]) -> None:
+    """``out_MH=PeerRows``: each combined row lands at its origin's place, as ``push_rows`` of the
+    plain result would put it, and the placeholder carries the rows' gradient."""
+    gen = torch.Generator().manual_seed(30 + W)
+    E, R, H, I = 3, 2, 16, 8
+    _, _, rows = send_lists(random_routes(W, tokens, gen))
+    sent = [sum(r) for r in rows]
+    stages = get_backend(backend, DEVICE)
+    w_gate_up = (0.3 * torch.randn(E, 2 * I, H, generator=gen)).to(DEVICE)
+    w_down = (0.3 * torch.randn(E, H, I, generator=gen)).to(DEVICE)
+    got = [torch.full((max(sent) + 1, H), float("nan"), device=DEVICE) for _ in range(W)]
+    want = [torch.full((max(sent) + 1, H), float("nan"), device=DEVICE) for _ in range(W)]
     for me in range(W):
         exchange = exchange_of(me, rows)
-        out = get_backend(backend, DEVICE).pull_sum(src, slots[me].to(DEVICE), exchange, torch.float32)
-        expected = torch.zeros(tokens[me], X, device=DEVICE)
-        for t in range(tokens[me]):
-            for r in range(W):
-                place = slots[me][t, r].item()
-                if place >= 0:  # receiver r's row: its rows from ranks before me, then mine in order
-                    row = sum(rows[s][r] for s in range(me)) + place - sum(rows[me][:r])
-                    expected[t] += ys[r][row]
-        assert out.dtype == torch.float32 and out.shape == (tokens[me], X)
-        assert torch.equal(out, expected)  # float32, the same order
+        M = exchange.num_received
+        x = torch.randn(M, H, generator=gen).to(DEVICE).requires_grad_()
+        ids = torch.randint(0, E, (M, R), generator=gen).to(DEVICE)
+        weights = torch.rand(M, R, generator=gen).to(DEVICE)
+        buckets = stages.dispatch(ids, E)
+        placeholder = stages.expert_mlp_combine(
+            x, buckets, w_gate_up, w_down, weights, torch.float32, out_MH=PeerRows(local_area(got), exchange)
+        )
+        assert placeholder.shape == (M, H)
+        dy = torch.randn(M, H, generator=gen).to(DEVICE)
+        placeholder.backward(dy)
+        y = stages.expert_mlp_combine(
+            x.detach().requires_grad_(), buckets, w_gate_up, w_down, weights, torch.float32
+        )
+        stages.push_rows(y.detach(), local_area(want), exchange, 0)
+        x_again = x.detach().requires_grad_()
+        stages.expert_mlp_combine(x_again, buckets, w_gate_up, w_down, weights, torch.float32).backward(dy)
+        assert torch.equal(x.grad, x_again.grad)
+    for s in range(W):
+        assert torch.equal(got[s][: sent[s]], want[s][: sent[s]]) and got[s][sent[s] :].isnan().all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

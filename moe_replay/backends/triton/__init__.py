@@ -18,7 +18,15 @@ from __future__ import annotations
 
 import torch
 
-from moe_replay.backends.base import Backend, ExpertBuckets, InputGradsHook, PeerArea, PeerExchange, SendPlan
+from moe_replay.backends.base import (
+    Backend,
+    ExpertBuckets,
+    InputGradsHook,
+    PeerArea,
+    PeerExchange,
+    PeerRows,
+    SendPlan,
+)
 from moe_replay.backends.torch import quant as reference_quant
 from moe_replay.backends.triton import combine, dispatch, experts, peers, route, send_plan
 from moe_replay.backends.triton._common import interpreting
@@ -76,7 +84,7 @@ class TritonBackend(Backend):
         weights_MR: torch.Tensor,
         out_dtype: torch.dtype,
         on_input_grads: InputGradsHook | None = None,
-        out_MH: torch.Tensor | None = None,
+        out_MH: torch.Tensor | PeerRows | None = None,
     ) -> torch.Tensor:
         return experts.expert_mlp_combine(
             x_MH, buckets, w_gate_up_E2IH, w_down_EHI, weights_MR, out_dtype, on_input_grads, out_MH
@@ -112,14 +120,10 @@ class TritonBackend(Backend):
         return send_plan.send_plan(expert_ids_TK, rank_offsets_W1, chunks, counts_WC3)
 
     @torch.compiler.disable
-    def pull_rows(self, src: PeerArea, tokens: PeerArea, exchange: PeerExchange) -> torch.Tensor:
-        return peers.pull_rows(src, tokens, exchange)
-
-    @torch.compiler.disable
-    def pull_sum(
-        self, src: PeerArea, slot_of_row_TW: torch.Tensor, exchange: PeerExchange, out_dtype: torch.dtype
+    def pull_rows(
+        self, src: PeerArea, exchange: PeerExchange, token_M: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return peers.pull_sum(src, slot_of_row_TW, exchange, out_dtype)
+        return peers.pull_rows(src, exchange, token_M)
 
     @torch.compiler.disable
     def push_rows(self, x_MX: torch.Tensor, dst: PeerArea, exchange: PeerExchange, sms: int) -> None:

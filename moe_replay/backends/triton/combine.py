@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_replay.backends.base import ExpertBuckets
+from moe_replay.backends.base import ExpertBuckets, PeerRows, peer_placeholder
+from moe_replay.backends.triton.peers import peer_rows, source_of
 
 BLOCK_ROWS = 4
 
@@ -38,8 +39,13 @@ def _gather_sum_kernel(
     out_ptr,
     M,
     H,
+    peer_bases_ptr,
+    counts_ptr,
+    rank,
     R: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
+    TO_PEERS: tl.constexpr,
+    W: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -57,7 +63,13 @@ def _gather_sum_kernel(
         if HAS_WEIGHTS:
             v = v * tl.load(weights_ptr + rows64 * R + r, mask=has, other=0.0)[:, None]
         acc += v
-    tl.store(out_ptr + rows64[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
+    if TO_PEERS:  # row m to its origin's place (``PeerRows``)
+        s, place = source_of(counts_ptr, rows, rank, W)
+        dst = peer_rows(peer_bases_ptr, tl.where(row_ok, s, rank), out_ptr)
+        at = dst[:, None] + place.to(tl.int64)[:, None] * H + cols[None, :]
+        tl.store(at, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(out_ptr + rows64[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -111,26 +123,38 @@ def gather_sum(
     slot_of_row_MR: torch.Tensor,
     weights_MR: torch.Tensor | None,
     out_dtype: torch.dtype,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | PeerRows | None = None,
 ) -> torch.Tensor:
-    """``out_MH`` (written into ``out`` if given: ``[M, H]``, ``out_dtype``, contiguous)."""
+    """``out_MH``; with ``out`` a tensor (``[M, H]``, ``out_dtype``, contiguous), written there; with
+    ``PeerRows``, each row written to its origin, and a placeholder returned
+    (``base.peer_placeholder``)."""
     M, R = slot_of_row_MR.shape
     H = src_NH.shape[1]
-    if out is None:
+    peers = out if isinstance(out, PeerRows) else None
+    if peers is not None:
+        out = peers.area.views[peers.exchange.rank]
+        if out.shape[1:] != (H,) or out.dtype != out_dtype or peers.exchange.num_received != M:
+            raise ValueError(f"PeerRows of {list(out.shape)} {out.dtype} for {M} rows of {H} {out_dtype}")
+    elif out is None:
         out = torch.empty(M, H, dtype=out_dtype, device=src_NH.device)
     elif out.shape != (M, H) or out.dtype != out_dtype or not out.is_contiguous():
         raise ValueError(
             f"out must be a contiguous [{M}, {H}] {out_dtype} tensor, got {list(out.shape)} {out.dtype}"
         )
-    if M == 0 or H == 0:
-        return out.zero_()
-    block_h = _block_h(H)
-    grid = (triton.cdiv(M, BLOCK_ROWS), triton.cdiv(H, block_h))
-    _gather_sum_kernel[grid](
-        src_NH.contiguous(), slot_of_row_MR, weights_MR if weights_MR is not None else src_NH, out, M, H,
-        R=R, HAS_WEIGHTS=weights_MR is not None, BLOCK_M=BLOCK_ROWS, BLOCK_H=block_h, num_warps=4,
-    )  # fmt: skip
-    return out
+    if M and H:
+        block_h = _block_h(H)
+        grid = (triton.cdiv(M, BLOCK_ROWS), triton.cdiv(H, block_h))
+        bases, counts, rank, W = (out, out, 0, 1) if peers is None else (
+            peers.area.bases_W, peers.exchange.counts_WW3, peers.exchange.rank, peers.exchange.world_size
+        )  # fmt: skip
+        _gather_sum_kernel[grid](
+            src_NH.contiguous(), slot_of_row_MR, weights_MR if weights_MR is not None else src_NH, out, M, H,
+            bases, counts, rank, R=R, HAS_WEIGHTS=weights_MR is not None, TO_PEERS=peers is not None, W=W,
+            BLOCK_M=BLOCK_ROWS, BLOCK_H=block_h, num_warps=4,
+        )  # fmt: skip
+    elif peers is None:
+        out.zero_()
+    return out if peers is None else peer_placeholder(M, out)
 
 
 class _Combine(torch.autograd.Function):

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from moe_replay.backends.base import ExpertBuckets, InputGradsHook
+from moe_replay.backends.base import ExpertBuckets, InputGradsHook, PeerRows
 from moe_replay.backends.triton._common import (
     dot_flags,
     expert_of_tile,
@@ -756,7 +756,7 @@ def expert_mlp_combine(
     weights_MR: torch.Tensor,
     out_dtype: torch.dtype,
     on_input_grads: InputGradsHook | None = None,
-    out_MH: torch.Tensor | None = None,
+    out_MH: torch.Tensor | PeerRows | None = None,
 ) -> torch.Tensor:
     """``y_MH[m] = sum_r weights[m, r] * expert(x_MH[m])`` in ``out_dtype``: the local layer's path.
     ``on_input_grads``, ``out_MH``: see ``Backend.expert_mlp_combine``."""

@@ -2,19 +2,22 @@
 symmetric memory (``moe_replay.parallel.peers``) with plain loads and stores (NVLink on a GPU
 node; under ``TRITON_INTERPRET=1``, shared memory mapped into every process).
 
-Shape legend: W ranks, T this rank's tokens, M rows it receives, X a row's width.
+Shape legend: W ranks, M rows this rank receives, X a row's width.
 
 Every kernel finds its peers' rows from ``PeerArea.bases_W`` (each rank's address of the area,
 int64, cast to a pointer in the kernel) and the count matrix ``PeerExchange.counts_WW3`` (the rows
 rank s sends rank d at ``[s, d, 0]``), both on the device, so the launches need no host ints but
-the row counts that size their grids.
+the row counts that size their grids. Receiver row m comes from origin s, place p of its send
+list (``source_of``).
 
-* ``pull_rows``: receiver row m comes from origin s, place p of its send list (``_source_of``):
-  ``out[m] = src_s[tokens_s[p]]``. The dispatch, fused with the origin's permutation.
-* ``pull_sum``: ``out[t] = sum_r src_r[row(t, r)]`` over the ranks t was sent to, float32 in rank
-  order: the return of each token's partial sums, fused with their sum.
-* ``push_rows``: ``dst_s[p] = x[m]``; persistent (at most ``sms`` programs), as it runs next to the
-  expert weights' GEMMs.
+* ``pull_rows``: ``out[m] = src_s[token[m]]``, or ``src_s[p]`` without tokens (how a receiver
+  reads its rows' tokens from the origins' send lists, once per call: the row pulls then wait on
+  one remote load, not two).
+* ``push_rows``: ``dst_s[p] = x[m]``; persistent (at most ``sms`` programs, each with large tiles
+  so that enough stores are in flight), as it runs next to the expert weights' GEMMs.
+
+The combine's variant that writes each row to its origin is ``combine.gather_sum`` with
+``PeerRows``.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def _rows_sent(counts_ptr, s, d, W: tl.constexpr):
 
 
 @triton.jit
-def _source_of(counts_ptr, m, rank, W: tl.constexpr):
+def source_of(counts_ptr, m, rank, W: tl.constexpr):
     """``(s, p)`` for this receiver's rows ``m`` (a block): origin rank, and place in its send list."""
     s = tl.zeros_like(m)
     first = tl.zeros_like(m)
@@ -57,55 +60,28 @@ def _source_of(counts_ptr, m, rank, W: tl.constexpr):
 
 
 @triton.jit
-def _peer_rows(bases_ptr, r, like_ptr):
+def peer_rows(bases_ptr, r, like_ptr):
     """Pointer(s) to rank ``r``'s first row of an area, typed like ``like_ptr``."""
     return tl.load(bases_ptr + r).to(like_ptr.dtype)
 
 
 @triton.jit
 def _pull_rows_kernel(
-    src_bases_ptr, src_like_ptr, tok_bases_ptr, tok_like_ptr, counts_ptr, out_ptr, rank, M, X,
-    W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_X: tl.constexpr,
+    src_bases_ptr, src_like_ptr, token_ptr, counts_ptr, out_ptr, rank, M, X,
+    BY_TOKEN: tl.constexpr, W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_X: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    s, place = _source_of(counts_ptr, rows, rank, W)
+    rows64 = rows.to(tl.int64)
+    s, place = source_of(counts_ptr, rows, rank, W)
     s = tl.where(row_ok, s, rank)  # masked rows read nothing, but their pointers stay local
-    tokens = _peer_rows(tok_bases_ptr, s, tok_like_ptr)
-    token = tl.load(tokens + place, mask=row_ok, other=0).to(tl.int64)
+    if BY_TOKEN:
+        place = tl.load(token_ptr + rows64, mask=row_ok, other=0)
     cols = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
     ok = row_ok[:, None] & (cols < X)[None, :]
-    src = _peer_rows(src_bases_ptr, s, src_like_ptr)
-    v = tl.load(src[:, None] + token[:, None] * X + cols[None, :], mask=ok)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * X + cols[None, :], v, mask=ok)
-
-
-@triton.jit
-def _pull_sum_kernel(
-    src_bases_ptr, src_like_ptr, counts_ptr, slot_ptr, out_ptr, rank, T, X,
-    W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_X: tl.constexpr,
-):  # fmt: skip
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    token_ok = tokens < T
-    tokens64 = tokens.to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
-    ok = token_ok[:, None] & (cols < X)[None, :]
-    acc = tl.zeros([BLOCK_T, BLOCK_X], tl.float32)
-    for r in tl.static_range(W):
-        # Receiver r's rows from this rank start at recv_start(r, rank); this rank's list for r
-        # at send_start(rank, r).
-        recv_start = 0
-        send_start = 0
-        for q in tl.static_range(W):
-            recv_start += tl.where(q < rank, _rows_sent(counts_ptr, q, r, W), 0)
-            send_start += tl.where(q < r, _rows_sent(counts_ptr, rank, q, W), 0)
-        place = tl.load(slot_ptr + tokens64 * W + r, mask=token_ok, other=-1)
-        sent = place >= 0
-        row = (place + (recv_start - send_start)).to(tl.int64)
-        src = _peer_rows(src_bases_ptr, r, src_like_ptr)
-        v = tl.load(src + row[:, None] * X + cols[None, :], mask=ok & sent[:, None], other=0.0)
-        acc += v.to(tl.float32)
-    tl.store(out_ptr + tokens64[:, None] * X + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
+    src = peer_rows(src_bases_ptr, s, src_like_ptr)
+    v = tl.load(src[:, None] + place.to(tl.int64)[:, None] * X + cols[None, :], mask=ok)
+    tl.store(out_ptr + rows64[:, None] * X + cols[None, :], v, mask=ok)
 
 
 @triton.jit
@@ -118,16 +94,21 @@ def _push_rows_kernel(
     for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
         rows = (tile // tiles_x) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
-        s, place = _source_of(counts_ptr, rows, rank, W)
+        s, place = source_of(counts_ptr, rows, rank, W)
         s = tl.where(row_ok, s, rank)
         cols = (tile % tiles_x) * BLOCK_X + tl.arange(0, BLOCK_X)
         ok = row_ok[:, None] & (cols < X)[None, :]
         v = tl.load(x_ptr + rows.to(tl.int64)[:, None] * X + cols[None, :], mask=ok)
-        dst = _peer_rows(dst_bases_ptr, s, x_ptr)
+        dst = peer_rows(dst_bases_ptr, s, x_ptr)
         tl.store(dst[:, None] + place.to(tl.int64)[:, None] * X + cols[None, :], v, mask=ok)
 
 
-def pull_rows(src: PeerArea, tokens: PeerArea, exchange: PeerExchange) -> torch.Tensor:
+PUSH_TILE = 16384
+"""Elements a push program moves per step (32 KB of bf16): a program's stores in flight are what
+hides the remote latency when only a few programs run."""
+
+
+def pull_rows(src: PeerArea, exchange: PeerExchange, token_M: torch.Tensor | None) -> torch.Tensor:
     me = exchange.rank
     own = src.views[me]
     M = exchange.num_received
@@ -136,25 +117,9 @@ def pull_rows(src: PeerArea, tokens: PeerArea, exchange: PeerExchange) -> torch.
     if M and X:
         block_x = _block_x(X)
         _pull_rows_kernel[(triton.cdiv(M, BLOCK_ROWS), triton.cdiv(X, block_x))](
-            src.bases_W, own, tokens.bases_W, tokens.views[me], exchange.counts_WW3, out, me, M, X,
-            W=exchange.world_size, BLOCK_M=BLOCK_ROWS, BLOCK_X=block_x, num_warps=4,
-        )  # fmt: skip
-    return out
-
-
-def pull_sum(
-    src: PeerArea, slot_of_row_TW: torch.Tensor, exchange: PeerExchange, out_dtype: torch.dtype
-) -> torch.Tensor:
-    me = exchange.rank
-    own = src.views[me]
-    T = slot_of_row_TW.shape[0]
-    out = torch.empty((T, *own.shape[1:]), dtype=out_dtype, device=own.device)
-    X = out[0].numel() if T else 0
-    if T and X:
-        block_x = _block_x(X)
-        _pull_sum_kernel[(triton.cdiv(T, BLOCK_ROWS), triton.cdiv(X, block_x))](
-            src.bases_W, own, exchange.counts_WW3, slot_of_row_TW, out, me, T, X,
-            W=exchange.world_size, BLOCK_T=BLOCK_ROWS, BLOCK_X=block_x, num_warps=4,
+            src.bases_W, own, token_M if token_M is not None else out, exchange.counts_WW3, out, me, M, X,
+            BY_TOKEN=token_M is not None, W=exchange.world_size, BLOCK_M=BLOCK_ROWS, BLOCK_X=block_x,
+            num_warps=4,
         )  # fmt: skip
     return out
 
@@ -166,9 +131,10 @@ def push_rows(x_MX: torch.Tensor, dst: PeerArea, exchange: PeerExchange, sms: in
         return
     if x_MX.dtype != dst.views[exchange.rank].dtype:
         raise ValueError(f"push_rows of {x_MX.dtype} rows into a {dst.views[exchange.rank].dtype} area")
-    block_x = _block_x(X)
-    tiles = triton.cdiv(M, BLOCK_ROWS) * triton.cdiv(X, block_x)
+    block_x = min(triton.next_power_of_2(X), PUSH_TILE)
+    block_m = min(max(PUSH_TILE // block_x, 1), triton.next_power_of_2(M))
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(X, block_x)
     _push_rows_kernel[(min(tiles, sms) if sms > 0 else tiles,)](
         x_MX.contiguous(), dst.bases_W, exchange.counts_WW3, exchange.rank, M, X,
-        W=exchange.world_size, BLOCK_M=BLOCK_ROWS, BLOCK_X=block_x, num_warps=4,
+        W=exchange.world_size, BLOCK_M=block_m, BLOCK_X=block_x, num_warps=16,
     )  # fmt: skip

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from moe_replay.backends.base import ExpertBuckets, PeerRows, peer_placeholder
-from moe_replay.backends.triton.peers import peer_rows, source_of
+from moe_replay.backends.triton.peers import peer_rows, row_in_turn
 
 BLOCK_ROWS = 4
 
@@ -51,6 +51,9 @@ def _gather_sum_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
+    if TO_PEERS:  # rows origin by origin (peers.row_in_turn), each to its origin's place
+        rows, s, place = row_in_turn(counts_ptr, rows, rank, W)
+        dst = peer_rows(peer_bases_ptr, tl.where(row_ok, s, rank), out_ptr)
     rows64 = rows.to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = row_ok[:, None] & (cols < H)[None, :]
@@ -63,9 +66,7 @@ def _gather_sum_kernel(
         if HAS_WEIGHTS:
             v = v * tl.load(weights_ptr + rows64 * R + r, mask=has, other=0.0)[:, None]
         acc += v
-    if TO_PEERS:  # row m to its origin's place (``PeerRows``)
-        s, place = source_of(counts_ptr, rows, rank, W)
-        dst = peer_rows(peer_bases_ptr, tl.where(row_ok, s, rank), out_ptr)
+    if TO_PEERS:
         at = dst[:, None] + place.to(tl.int64)[:, None] * H + cols[None, :]
         tl.store(at, acc.to(out_ptr.dtype.element_ty), mask=ok)
     else:
@@ -142,7 +143,8 @@ def gather_sum(
             f"out must be a contiguous [{M}, {H}] {out_dtype} tensor, got {list(out.shape)} {out.dtype}"
         )
     if M and H:
-        block_h = _block_h(H)
+        # Rows written to other ranks go in wider tiles, as pull_rows reads them (peers.PULL).
+        block_h, warps = (_block_h(H), 4) if peers is None else (min(triton.next_power_of_2(H), 2048), 8)
         grid = (triton.cdiv(M, BLOCK_ROWS), triton.cdiv(H, block_h))
         bases, counts, rank, W = (out, out, 0, 1) if peers is None else (
             peers.area.bases_W, peers.exchange.counts_WW3, peers.exchange.rank, peers.exchange.world_size
@@ -150,7 +152,7 @@ def gather_sum(
         _gather_sum_kernel[grid](
             src_NH.contiguous(), slot_of_row_MR, weights_MR if weights_MR is not None else src_NH, out, M, H,
             bases, counts, rank, R=R, HAS_WEIGHTS=weights_MR is not None, TO_PEERS=peers is not None, W=W,
-            BLOCK_M=BLOCK_ROWS, BLOCK_H=block_h, num_warps=4,
+            BLOCK_M=BLOCK_ROWS, BLOCK_H=block_h, num_warps=warps,
         )  # fmt: skip
     elif peers is None:
         out.zero_()

@@ -1,0 +1,117 @@
+"""Probe: the peer transport's row kernels against NCCL's all-to-all, tile by tile.
+
+    torchrun --nproc-per-node 4 benchmarks/probe_peer_rows.py --json probe.json
+
+On the dispatcher's sizes at T = 16384 per rank (``--rows`` bf16 rows of ``--hidden`` from each
+rank to each rank, itself included, as the peer transport moves them), times with CUDA events:
+NCCL's ``all_to_all_single`` of the same rows, ``pull_rows`` (by token) and ``push_rows`` (full
+grid, and ``--sms`` programs as next to a GEMM) for each tile setting of the sweep, after checking
+that each delivers the same rows. Prints the slowest rank's time and the GB/s each rank sends
+the others at that time; GPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+
+import torch
+import torch.distributed as dist
+
+from moe_replay.backends.base import PeerExchange
+from moe_replay.backends.triton import peers as kernels
+from moe_replay.parallel.peers import peer_memory
+
+
+def device_ms(fn, iters: int) -> float:  # type: ignore[no-untyped-def]
+    """The slowest rank's median device ms of ``fn``, each call after a barrier (all ranks start
+    together)."""
+    times = []
+    for _ in range(iters + 2):
+        dist.barrier()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    slowest = torch.tensor([statistics.median(times[2:])], device="cuda")
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return slowest.item()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=14900, help="rows each rank sends each rank")
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens per rank (rows are read by token)")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--sms", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl", device_id=torch.device("cuda", int(os.environ["LOCAL_RANK"])))
+    rank, W = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device())
+    group, n, T, H = dist.group.WORLD, args.rows, args.tokens, args.hidden
+    rows = tuple(tuple(n for _ in range(W)) for _ in range(W))
+    counts = torch.zeros(W, W, 3, dtype=torch.int32, device=device)
+    counts[:, :, 0] = n
+    exchange = PeerExchange(rank=rank, rows=rows, counts_WW3=counts)
+    memory = peer_memory(group, device, 2 * W * n * H * 2 + 2 * W * n * 4 + 4096)
+    x_area = memory.area(0, (T, H), torch.bfloat16)
+    out_area = memory.area(-(-T * H * 2 // 256) * 256, (W * n, H), torch.bfloat16)
+    gen = torch.Generator(device=device).manual_seed(rank)
+    x_area.views[rank].copy_(torch.randn(T, H, generator=gen, device=device).to(torch.bfloat16))
+    token_M = torch.randint(0, T, (W * n,), generator=torch.Generator(device=device).manual_seed(7), device=device,
+                            dtype=torch.int32)  # fmt: skip
+    memory.barrier()
+    remote_gb = (W - 1) * n * H * 2 / 1e9
+    results: dict = {"rows_per_peer": n, "hidden": H, "world_size": W, "device": torch.cuda.get_device_name()}
+
+    # NCCL: rank s's rows for every rank, as the pull reads them (each origin's tokens).
+    send = x_area.views[rank][token_M[:n].long()].repeat(W, 1)
+    recv = torch.empty_like(send)
+    ms = device_ms(lambda: dist.all_to_all_single(recv, send), args.iters)
+    results["nccl_all_to_all"] = {"ms": ms, "gb_per_s": remote_gb / ms * 1e3}
+    say = print if rank == 0 else (lambda *a: None)
+    say(f"nccl all_to_all_single: {ms:.3f} ms, {remote_gb / ms * 1e3:.0f} GB/s to the other ranks")
+
+    expected = torch.cat([x_area.views[s][token_M[s * n : (s + 1) * n].long()] for s in range(W)])
+    results["pull"], results["push"] = [], []
+    for block_m, block_x, warps in itertools.product((4, 16), (1024, 2048), (4, 8)):
+        kernels.PULL.update(BLOCK_M=block_m, BLOCK_X=block_x, num_warps=warps)
+        out = kernels.pull_rows(x_area, exchange, token_M)
+        ok = torch.equal(out, expected)
+        ms = device_ms(lambda: kernels.pull_rows(x_area, exchange, token_M), args.iters)
+        results["pull"].append({"block_m": block_m, "block_x": block_x, "warps": warps, "ms": ms, "ok": ok,
+                                "gb_per_s": remote_gb / ms * 1e3})  # fmt: skip
+        say(
+            f"pull  {block_m:>3} x {block_x:>4}, {warps} warps: {ms:.3f} ms, {remote_gb / ms * 1e3:.0f} GB/s, {ok=}"
+        )
+    kernels.PULL.update(BLOCK_M=4, BLOCK_X=1024, num_warps=4)
+    mine = torch.randn(W * n, H, generator=gen, device=device).to(torch.bfloat16)
+    for tile, warps, sms in itertools.product((4096, 16384, 32768), (4, 8), (0, args.sms)):
+        kernels.PUSH.update(TILE=tile, num_warps=warps)
+        ms = device_ms(lambda sms=sms: kernels.push_rows(mine, out_area, exchange, sms), args.iters)
+        memory.barrier()
+        got = out_area.views[rank][rank * n : (rank + 1) * n]  # what this rank pushed itself
+        ok = torch.equal(got, mine[rank * n : (rank + 1) * n])
+        results["push"].append({"tile": tile, "warps": warps, "sms": sms, "ms": ms, "ok": ok,
+                                "gb_per_s": remote_gb / ms * 1e3})  # fmt: skip
+        say(
+            f"push  tile {tile:>5}, {warps:>2} warps, sms {sms:>3}: {ms:.3f} ms, {remote_gb / ms * 1e3:.0f} GB/s, {ok=}"
+        )
+    if rank == 0 and args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

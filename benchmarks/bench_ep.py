@@ -91,8 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--transports",
         default=None,
-        help="alltoall transports to time and check, comma-separated: peers, collectives (cases "
-        "alltoall/<transport>; default: the dispatcher's choice, case alltoall)",
+        help="alltoall transports to time and check, comma-separated: peers, collectives, auto (cases "
+        "alltoall/<transport>; default: the dispatcher's default, case alltoall)",
     )
     p.add_argument("--backend", default=None, help="moe_replay backend (default: automatic)")
     p.add_argument(
@@ -136,8 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.chunks = [int(c) for c in args.chunks.split(",") if c] if args.chunks else []
     args.transports = [t for t in args.transports.split(",") if t] if args.transports else []
     for transport in args.transports:
-        if transport not in ("peers", "collectives"):
-            p.error(f"--transports: {transport!r} is not one of peers, collectives")
+        if transport not in ("peers", "collectives", "auto"):
+            p.error(f"--transports: {transport!r} is not one of peers, collectives, auto")
     if args.chunks and args.transports:
         p.error("--chunks and --transports do not combine (peers runs one chunk)")
     for mode in args.modes:

@@ -5,12 +5,17 @@ default 1), S token rows this rank sends (one per token and destination rank), M
 received from all ranks, P (row, k) pairs of the received rows whose expert is on this rank,
 E_loc this rank's experts, H hidden.
 
-Data movement, on each rank::
+Two transports carry the rows (:data:`TRANSPORT`): NCCL's all-to-all (``"collectives"``, this
+module, CPU gloo groups too), and symmetric memory (``"peers"``,
+``moe_replay.parallel.alltoall_peers``: receivers read their rows from the origins', each
+receiver's combine writes its partial sums home; one chunk). Both start from the same send plan
+and count exchange. With collectives, data movement on each rank::
 
     origin    backend.send_plan: per chunk, the send list ordered by (rank, token) (slot -1 where a
               token has no expert on a rank) and its counts per rank      (no host sync; 2 Triton launches)
-              all-to-all of [rows, (token, expert) pairs, grad flag] per rank and chunk; its result
-              copied to pinned host memory, an event recorded
+              all-gather of [rows, (token, expert) pairs, grad flag] per rank and chunk (every rank
+              learns every rank's counts: ``collectives.CountExchange``); its result copied to
+              pinned host memory, an event recorded
               queued meanwhile: x_TH and meta_TM = [gate weights_K | global ids_K] (float32)
               permuted into the send rows at capacity (T_c * min(W, K) per chunk: an upper bound)
               ── the one host sync: the event; the device goes on permuting meanwhile ──
@@ -91,13 +96,14 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch.profiler import record_function
 
 from moe_replay.parallel.alltoall_peers import PeerTransport
 from moe_replay.parallel.collectives import (
+    CountExchange,
     RowsInFlight,
     align_requires_grad,
-    all_to_all_ints,
     check_device,
     collective_sms,
     input_needs_grad,
@@ -126,10 +132,23 @@ switch for A/B measurements; results are the same either way."""
 
 
 TRANSPORT = os.environ.get("MOE_REPLAY_EP_TRANSPORT", "auto")
-"""How tokens travel by default: ``"peers"`` (symmetric memory, ``moe_replay.parallel.alltoall_peers``),
-``"collectives"`` (``all_to_all_single``, this module), or ``"auto"``: peers where the group has
-symmetric memory on a GPU and the call has one chunk, else collectives. The ``transport``
-attribute overrides it per layer (the same on every rank)."""
+"""How tokens travel: ``"collectives"`` (``all_to_all_single``, this module), ``"peers"``
+(symmetric memory, ``moe_replay.parallel.alltoall_peers``), or ``"auto"``: peers where the group
+has symmetric memory on a GPU, the call has one chunk, and the layer's last call sent at most
+:data:`PEERS_MAX_ROWS` rows from any rank; else collectives (a layer's first call too). Every rank
+knows every rank's counts (the all-gathered count matrix), so all ranks choose alike. The
+``transport`` attribute overrides it per layer (the same on every rank).
+
+Why by size (4 H100s, Qwen3 shape, benchmarks/RESULTS.md, sixth session): the peer transport
+launches fewer kernels and moves no rows through send buffers, which wins where the call is
+host-bound (T = 4096 per rank, about 15k rows sent per rank: forward+backward 4.5-6.4 ms against
+6.2-7.7); at T = 16384 (about 59k rows) its loads and stores get no more NVLink bandwidth than
+NCCL's all-to-all, and NCCL's overlap with the weight-gradient GEMM is the better one
+(12.2-13.5 ms against 12.9-13.4)."""
+
+PEERS_MAX_ROWS = int(os.environ.get("MOE_REPLAY_EP_PEERS_MAX_ROWS", "32768"))
+"""``"auto"``'s limit: the most rows one rank sent in the layer's last call for the peer transport
+to be chosen (between the two sizes measured; a tuning switch)."""
 
 TRANSPORTS = ("auto", "peers", "collectives")
 
@@ -211,9 +230,9 @@ class AllToAllDispatcher:
             "local_of_expert_E": (local_of_expert, (E,), torch.int32),
         }
         self._device_constants: dict[tuple[str, torch.device], torch.Tensor] = {}
-        self._exchange_buffers: dict[tuple[bool, torch.device, int], tuple[torch.Tensor, ...]] = {}
-        self._counts_ready: torch.cuda.Event | None = None
+        self._counts: CountExchange | None = None
         self._last_send_rows: tuple[int, ...] = ()
+        self._last_most_rows: int | None = None  # the last call's longest send list, over ranks
 
     @property
     def last_send_rows(self) -> tuple[int, ...]:
@@ -227,7 +246,8 @@ class AllToAllDispatcher:
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.transport == "auto":
-            usable = device.type == "cuda" and self.chunks == 1
+            small = self._last_most_rows is not None and self._last_most_rows <= PEERS_MAX_ROWS
+            usable = small and device.type == "cuda" and self.chunks == 1
             usable = usable and peers_unavailable_reason(self.group, device) is None
             return "peers" if usable else "collectives"
         if self.transport == "peers":
@@ -268,40 +288,13 @@ class AllToAllDispatcher:
             self._device_constants[key] = cached
         return cached[:rows]
 
-    def _exchange_buffers_for(self, needs_grad: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """``(buffer_2WC3, host_2WC3, sent_WC3, received_WC3)``: the count exchange's buffer
-        ([0] what this rank sends each rank per chunk: rows, pairs, grad flag; [1] what it
-        receives), its pinned host copy (CUDA), and the two halves. Reused from call to call (the
-        host reads them before the call returns); the flag column is written once."""
-        W, C = self.partition.world_size, self.chunks
-        key = (needs_grad, device, C)
-        if key not in self._exchange_buffers:
-            buffer_2WC3 = torch.full((2, W, C, 3), int(needs_grad), dtype=torch.int32, device=device)
-            host = torch.empty_like(buffer_2WC3, device="cpu", pin_memory=device.type == "cuda")
-            self._exchange_buffers[key] = (buffer_2WC3, host, *buffer_2WC3.unbind(0))
-        return self._exchange_buffers[key]
-
-    def _exchange_counts(self, buffers: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Launch the count exchange (one all-to-all of 3 ints per rank and chunk, the sent half
-        filled by ``send_plan``) in :meth:`_exchange_buffers_for`'s ``buffers``. Returns what
-        :meth:`_read_counts` reads: on CUDA the buffer's copy on its way to pinned host memory,
-        so that the host waits for the counts, not for the work queued after them."""
-        buffer_2WC3, host_2WC3, sent_WC3, received_WC3 = buffers
-        all_to_all_ints(sent_WC3, received_WC3, self.group)
-        if not buffer_2WC3.is_cuda:
-            return buffer_2WC3
-        host_2WC3.copy_(buffer_2WC3, non_blocking=True)
-        if self._counts_ready is None:
-            self._counts_ready = torch.cuda.Event()
-        self._counts_ready.record()
-        return host_2WC3
-
-    def _read_counts(self, host_2WC3: torch.Tensor) -> _Counts:
-        """The counts, once they are on the host (the host waits here: the one sync of a call)."""
-        if host_2WC3.is_pinned() and self._counts_ready is not None:
-            self._counts_ready.synchronize()
-        sent, received = host_2WC3.tolist()
-        return _Counts.read(sent, received)
+    def _count_exchange(self) -> CountExchange:
+        """The count exchange for this call's chunk count: per rank and chunk, rows, (token,
+        expert) pairs, and the grad flag every rank sends every rank."""
+        shape = (self.partition.world_size, self.chunks, 3)
+        if self._counts is None or self._counts.shape != shape:
+            self._counts = CountExchange(self.group, shape)
+        return self._counts
 
     def __call__(
         self, x_TH: torch.Tensor, routing: Routing, experts: nn.Module, backend: Backend
@@ -315,19 +308,21 @@ class AllToAllDispatcher:
             if self._peers is None:
                 self._peers = PeerTransport(self.group, part)
             overlap, sms = self.overlap_backward, comm_sms(device)
-            y_TH, self._last_send_rows = self._peers(
-                x_TH, ids_TK, weights_TK, experts, backend, self._constant, overlap, sms
+            counts = self._count_exchange()
+            y_TH, rows = self._peers(
+                x_TH, ids_TK, weights_TK, experts, backend, self._constant, counts, overlap, sms
             )
+            self._last_send_rows, self._last_most_rows = rows[self._peers.rank], max(map(sum, rows))
             return y_TH
         reach = min(part.world_size, K)  # ranks a token can reach: the send list's capacity per token
 
         # The phases are named in profiles (torch.profiler) by these ranges.
         with record_function("moe_replay.alltoall.counts"):  # origin: where each token goes
             needs_grad = input_needs_grad(x_TH) or input_needs_grad(weights_TK)
-            buffers = self._exchange_buffers_for(needs_grad, device)
+            exchange = self._count_exchange()
             rank_offsets_W1 = self._constant("rank_offsets_W1", device)
-            plan = backend.send_plan(ids_TK, rank_offsets_W1, C, buffers[2])  # fills the sent half
-            host_counts = self._exchange_counts(buffers)
+            plan = backend.send_plan(ids_TK, rank_offsets_W1, C, exchange.mine(int(needs_grad), device))
+            exchange.launch()
             # Queued before the host waits for the counts, so the device has work meanwhile: each
             # chunk's send rows at capacity (the first S_c of them are the list; the rest, copies
             # of a chunk's first token, are not sent).
@@ -342,8 +337,11 @@ class AllToAllDispatcher:
                 x_cap = backend.permute_rows(x_c, to_ranks_cap)
                 meta_cap = backend.permute_rows(meta_c, to_ranks_cap)
                 sends.append((x_cap, meta_cap))
-            counts = self._read_counts(host_counts)  # the one host sync
+            matrix = exchange.read()  # the one host sync
+            me = dist.get_rank(self.group)
+            counts = _Counts.read(matrix[me], [row[me] for row in matrix])
             self._last_send_rows = tuple(map(sum, zip(*counts.send_rows)))
+            self._last_most_rows = max(sum(chunk[0] for to_d in row for chunk in to_d) for row in matrix)
 
         with record_function("moe_replay.alltoall.send"):
             flights: list[RowsInFlight] = []

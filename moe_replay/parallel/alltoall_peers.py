@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 
 from moe_replay.backends.base import ExpertBuckets, PeerArea, PeerExchange, PeerRows, SendPlan
-from moe_replay.parallel.collectives import align_requires_grad, input_needs_grad
+from moe_replay.parallel.collectives import CountExchange, align_requires_grad, input_needs_grad
 from moe_replay.parallel.peers import PeerMemory, peer_memory, row_layout
 
 if TYPE_CHECKING:
@@ -62,9 +62,6 @@ if TYPE_CHECKING:
 
     from moe_replay.backends.base import Backend, InputGradsHook
     from moe_replay.parallel.partition import ExpertPartition
-
-# all_gather_single is all_gather_into_tensor's new name (torch 2.13 deprecates the old one).
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 SIDE_CHANNEL = 1  # the barrier channel of the side stream's push (the main stream's is 0)
 
@@ -248,22 +245,7 @@ class PeerTransport:
         self.group = group
         self.partition = partition
         self.rank = dist.get_rank(group)
-        self._buffers: dict[tuple[bool, torch.device], tuple[torch.Tensor, ...]] = {}
-        self._counts_ready: torch.cuda.Event | None = None
         self._areas: tuple[PeerMemory, int, int, torch.dtype, _Areas] | None = None
-
-    def _count_buffers(self, needs_grad: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """``(sent_W13, gathered_WW13, host_WW13)``: what this rank sends each rank (rows, pairs,
-        grad flag; ``send_plan`` fills the first two), every rank's (all-gathered), and its pinned
-        host copy. Reused from call to call; the flag is written once."""
-        key = (needs_grad, device)
-        if key not in self._buffers:
-            W = self.partition.world_size
-            sent = torch.full((W, 1, 3), int(needs_grad), dtype=torch.int32, device=device)
-            gathered = torch.empty((W, W, 1, 3), dtype=torch.int32, device=device)
-            host = torch.empty_like(gathered, device="cpu", pin_memory=device.type == "cuda")
-            self._buffers[key] = (sent, gathered, host)
-        return self._buffers[key]
 
     def __call__(
         self,
@@ -273,31 +255,24 @@ class PeerTransport:
         experts: nn.Module,
         backend: Backend,
         constant: Callable[[str, torch.device], torch.Tensor],
+        counts: CountExchange,
         overlap_backward: bool,
         comm_sms: int,
-    ) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """``(y_TH, rows sent to each rank)``."""
+    ) -> tuple[torch.Tensor, tuple[tuple[int, ...], ...]]:
+        """``(y_TH, rows[s][d])``: the output, and the rows each rank sent each rank."""
         part, device, me = self.partition, x_TH.device, self.rank
         W, K, H = part.world_size, ids_TK.shape[1], x_TH.shape[1]
         needs_grad = input_needs_grad(x_TH) or input_needs_grad(weights_TK)
-        sent, gathered, host = self._count_buffers(needs_grad, device)
-        plan = backend.send_plan(ids_TK, constant("rank_offsets_W1", device), 1, sent)
-        _all_gather_single(gathered.view(-1), sent.view(-1), group=self.group)
-        if device.type == "cuda":
-            host.copy_(gathered, non_blocking=True)
-            if self._counts_ready is None:
-                self._counts_ready = torch.cuda.Event()
-            self._counts_ready.record()
+        plan = backend.send_plan(
+            ids_TK, constant("rank_offsets_W1", device), 1, counts.mine(int(needs_grad), device)
+        )
+        gathered = counts.launch()
         meta_TM = torch.cat([weights_TK, ids_TK], dim=1)  # [T, 2K] float32 (ids promoted)
-        if device.type == "cuda":
-            self._counts_ready.synchronize()  # the one host sync
-            counts = host.tolist()
-        else:
-            counts = gathered.tolist()
-        rows = tuple(tuple(counts[s][d][0][0] for d in range(W)) for s in range(W))
+        matrix = counts.read()  # the one host sync
+        rows = tuple(tuple(matrix[s][d][0][0] for d in range(W)) for s in range(W))
         exchange = PeerExchange(rank=me, rows=rows, counts_WW3=gathered.view(W, W, 3))
-        any_needs_grad = any(counts[s][d][0][2] for s in range(W) for d in range(W))
-        pairs = sum(counts[s][me][0][1] for s in range(W))
+        any_needs_grad = any(matrix[s][d][0][2] for s in range(W) for d in range(W))
+        pairs = sum(matrix[s][me][0][1] for s in range(W))
 
         # The rows an area needs, the most over ranks: every rank asks for the same memory.
         most = max(1, *(sum(r) for r in rows), *(sum(r[d] for r in rows) for d in range(W)))
@@ -316,4 +291,4 @@ class PeerTransport:
         early: InputGradsHook | None = call.push_early if overlap_backward and any_needs_grad else None
         to_origins = PeerRows(areas.back_rows, exchange)  # the combine writes each row home
         placeholder = experts.forward_combined(x_MH, buckets, meta_MM, backend, x_TH.dtype, early, to_origins)
-        return _SumPartials.apply(call, placeholder), rows[me]
+        return _SumPartials.apply(call, placeholder), rows

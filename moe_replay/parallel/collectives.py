@@ -349,11 +349,58 @@ def start_all_to_all_rows(
     return flight
 
 
-def all_to_all_ints(message_WX: torch.Tensor, out_WX: torch.Tensor, group: ProcessGroup) -> None:
-    """Metadata (counts, flags) from every rank: row r of ``message_WX`` goes to rank r, and row r
-    of ``out_WX`` (contiguous, may be a view of a larger, reused buffer) receives rank r's. Not
-    differentiable."""
-    dist.all_to_all_single(out_WX, message_WX.contiguous(), group=group)
+# all_gather_single is all_gather_into_tensor's new name (torch 2.13 deprecates the old one).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class CountExchange:
+    """Every rank's ``[W, *X]`` int32 counts (row d: what it sends rank d), all-gathered: after
+    :meth:`read` every rank knows the whole ``[W, W, *X]`` matrix (``[s][d]``: what s sends d).
+    Not differentiable.
+
+    The buffers are reused from call to call (the host reads them before the next call fills
+    them). On CUDA the host waits for an event behind a copy to pinned memory, not for the
+    stream: the device goes on with the work queued after :meth:`launch`."""
+
+    def __init__(self, group: ProcessGroup, shape: tuple[int, ...]) -> None:
+        self.group = group
+        self.shape = tuple(shape)  # [W, *X]
+        self._buffers: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._ready: torch.cuda.Event | None = None
+        self._device: torch.device | None = None
+
+    def mine(self, fill: int, device: torch.device) -> torch.Tensor:
+        """This rank's ``[W, *X]`` counts to fill before :meth:`launch`; entries not written keep
+        ``fill`` (a flag written once per buffer)."""
+        key = (fill, device)
+        if key not in self._buffers:
+            sent = torch.full(self.shape, fill, dtype=torch.int32, device=device)
+            gathered = torch.empty((self.shape[0], *self.shape), dtype=torch.int32, device=device)
+            host = torch.empty_like(gathered, device="cpu", pin_memory=device.type == "cuda")
+            self._buffers[key] = (sent, gathered, host)
+        self._key = key
+        return self._buffers[key][0]
+
+    def launch(self) -> torch.Tensor:
+        """Start the all-gather of what :meth:`mine` returned; returns the ``[W, W, *X]`` matrix on
+        the device (its values land when the collective runs)."""
+        sent, gathered, host = self._buffers[self._key]
+        _all_gather_single(gathered.view(-1), sent.view(-1), group=self.group)
+        if gathered.is_cuda:
+            host.copy_(gathered, non_blocking=True)
+            if self._ready is None:
+                self._ready = torch.cuda.Event()
+            self._ready.record()
+        return gathered
+
+    def read(self) -> list:
+        """The matrix as host ints ``[s][d][...]`` (the host waits here)."""
+        _, gathered, host = self._buffers[self._key]
+        if not gathered.is_cuda:
+            return gathered.tolist()
+        assert self._ready is not None
+        self._ready.synchronize()
+        return host.tolist()
 
 
 def input_needs_grad(x: torch.Tensor) -> bool:

@@ -152,6 +152,13 @@ def peer_memory(group: ProcessGroup, device: torch.device, nbytes: int) -> PeerM
     return memory
 
 
+def release_peer_memory(group: ProcessGroup) -> None:
+    """Drop ``group``'s symmetric memory (on every device); the next call that needs some makes it
+    anew. Every rank of the group must call it at the same point (making it is collective)."""
+    for key in [key for key in _MEMORY if key[0] == group.group_name]:
+        del _MEMORY[key]
+
+
 def row_layout(rows: int, row_bytes: list[int]) -> tuple[list[int], int]:
     """Byte offsets of areas of ``rows`` rows of ``row_bytes[i]`` bytes each, every area aligned,
     and the total size."""

@@ -41,6 +41,8 @@ from torch.utils.checkpoint import checkpoint
 
 import moe_replay as mr
 from moe_replay.backends.registry import available_backends
+from moe_replay.parallel import peers
+from moe_replay.parallel.alltoall_peers import _Call
 from moe_replay.parallel.collectives import RowsInFlight, check_device
 
 try:
@@ -248,7 +250,9 @@ def check_record_then_replay(world: World, mode: str) -> None:
 
 
 @check(*MODES)
-def check_activation_checkpointing(world: World, mode: str, backend: str = "torch") -> None:
+def check_activation_checkpointing(
+    world: World, mode: str, backend: str = "torch", transport: str | None = None
+) -> None:
     """Recompute runs the layer's collectives again inside the backward, on every rank, and
     replay(None) makes it route as the forward did."""
     cfg = CFG_UNEVEN
@@ -261,6 +265,8 @@ def check_activation_checkpointing(world: World, mode: str, backend: str = "torc
     (ref(x_ref) * grad_SH).sum().backward()
 
     ep = expert_parallel(world, cfg, mode, ref, backend)
+    if transport is not None:
+        ep.ep.dispatcher.transport = transport
     x = x_SH[rows].clone().requires_grad_()
     with mr.replay(ep, None):
         y = checkpoint(ep, x, use_reentrant=False)
@@ -332,9 +338,11 @@ def check_alltoall_sends_each_token_once_per_rank(world: World) -> None:
 
 @check()
 def check_alltoall_collectives_per_call(world: World) -> None:
-    """The alltoall dispatcher runs 1 + 3 C all-to-alls forward (counts; per chunk x, meta and the
-    partial sums back) and 3 C backward (per chunk the partials' gradient, x's and meta's), as its
-    module docstring says: on a GPU each is a host-side launch that every layer call pays."""
+    """With the collectives transport the alltoall dispatcher runs one all-gather (the counts) and
+    3 C all-to-alls forward (per chunk x, meta and the partial sums back), and 3 C all-to-alls
+    backward (per chunk the partials' gradient, x's and meta's), as its module docstring says; with
+    the peers transport, the all-gather and no all-to-all: on a GPU each collective is a host-side
+    launch that every layer call pays."""
     cfg = CFG_UNEVEN
     ep = expert_parallel(world, cfg, "alltoall", reference(cfg))
     T = TOKEN_COUNTS[world.size][1][world.rank]
@@ -342,18 +350,75 @@ def check_alltoall_collectives_per_call(world: World) -> None:
     x = torch.randn(T, H, generator=gen).requires_grad_()
     dy = torch.randn(T, H, generator=gen)
 
-    def all_to_alls(fn: Callable[[], object]) -> int:
+    def collectives(fn: Callable[[], object]) -> tuple[int, int]:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             fn()
-        return sum(event.name == "c10d::alltoall_base_" for event in prof.events())
+        names = [event.name for event in prof.events()]
+        return names.count("c10d::_allgather_base_"), names.count("c10d::alltoall_base_")
 
-    for chunks in (1, 2, 3):
-        ep.ep.dispatcher.chunks = chunks
+    for transport, chunks in (("collectives", 1), ("collectives", 2), ("collectives", 3), ("peers", 1)):
+        ep.ep.dispatcher.transport, ep.ep.dispatcher.chunks = transport, chunks
+        per_chunk = 3 * chunks if transport == "collectives" else 0
         with torch.no_grad():
-            assert all_to_alls(lambda: ep(x)) == 1 + 3 * chunks
+            assert collectives(lambda: ep(x)) == (1, per_chunk)
         outputs: list[torch.Tensor] = []
-        assert all_to_alls(lambda out=outputs: out.append(ep(x))) == 1 + 3 * chunks
-        assert all_to_alls(lambda out=outputs: out[0].backward(dy)) == 3 * chunks
+        assert collectives(lambda out=outputs: out.append(ep(x))) == (1, per_chunk)
+        assert collectives(lambda out=outputs: out[0].backward(dy)) == (0, per_chunk)
+
+
+@check()
+def check_alltoall_peers(world: World) -> None:
+    """The peer transport (symmetric memory; here shared-memory files mapped by every rank) gives
+    the single-process results too: every token count (a rank without tokens included), replay
+    with partial forcing, activation checkpointing, quantized experts, and the buffer growing when
+    a call needs more rows than the last (the second count set is larger)."""
+    made: list[int] = []
+    init = peers.PeerMemory.__init__
+
+    def counted_init(self, group, device, nbytes):  # type: ignore[no-untyped-def]
+        made.append(nbytes)
+        init(self, group, device, nbytes)
+
+    peers.PeerMemory.__init__ = counted_init  # type: ignore[method-assign]
+    peers.release_peer_memory(world.group)  # every rank: the first call below makes it anew
+    try:
+        for cfg in (CFG_UNEVEN, CFG_GROUPED):
+            for counts in TOKEN_COUNTS[world.size]:
+                compare_with_reference(
+                    world, cfg, "alltoall", counts, forced=True, batch_axis=0 not in counts, transport="peers"
+                )
+        check_activation_checkpointing(world, "alltoall", transport="peers")
+        # QuantMoE's experts (the base stages' combine, pushed home by push_rows).
+        counts = TOKEN_COUNTS[world.size][1]
+        x_SH = torch.randn(sum(counts), H, generator=torch.Generator().manual_seed(8))
+        ref = reference(CFG_UNEVEN)
+        q_ref = mr.QuantMoE.from_float(ref, "int8", None)
+        q_ep = mr.QuantMoE.from_float(expert_parallel(world, CFG_UNEVEN, "alltoall", ref), "int8", None)
+        q_ep.ep.dispatcher.transport = "peers"
+        with torch.no_grad():
+            assert_close(q_ep(x_SH[world.rows(counts)]), q_ref(x_SH)[world.rows(counts)], **F32)
+    finally:
+        peers.PeerMemory.__init__ = init  # type: ignore[method-assign]
+    assert len(made) >= 2 and made == sorted(made), made  # grown, never shrunk
+
+
+@check()
+def check_alltoall_transport_choice(world: World) -> None:
+    """``transport``: "auto" takes collectives on the CPU (symmetric memory there is for tests and
+    explicit use), "peers" needs one chunk, other names are refused."""
+    ep = expert_parallel(world, CFG_UNEVEN, "alltoall", reference(CFG_UNEVEN))
+    dispatcher = ep.ep.dispatcher
+    assert dispatcher.transport_for(torch.device("cpu")) == "collectives"
+    dispatcher.transport = "peers"
+    assert dispatcher.transport_for(torch.device("cpu")) == "peers"
+    dispatcher.chunks = 2
+    with pytest.raises(ValueError, match="the peers transport runs one chunk per call, chunks is 2"):
+        dispatcher.transport_for(torch.device("cpu"))
+    dispatcher.transport = "nccl"
+    with pytest.raises(
+        ValueError, match=r"transport must be one of \('auto', 'peers', 'collectives'\), got 'nccl'"
+    ):
+        dispatcher.transport_for(torch.device("cpu"))
 
 
 @check()
@@ -449,19 +514,26 @@ def check_triton_backend(world: World, mode: str) -> str | None:
     from moe_replay.backends.triton import experts as triton_experts
 
     sent_early: list[int] = []
+    pushed_early: list[int] = []
     gathered_early: list[bool] = []
     send_grads_now, backward = RowsInFlight.send_grads_now, triton_experts._grouped_mm_grads
+    push_early = _Call.push_early
     grouped_mm_default = triton_experts.GROUPED_MM_BACKWARD
 
     def counted_send(flight: RowsInFlight, *grads: torch.Tensor | None) -> None:
         sent_early.append(len(grads))
         send_grads_now(flight, *grads)
 
+    def counted_push(call: _Call, *grads: torch.Tensor | None) -> int:
+        pushed_early.append(sum(g is not None for g in grads))
+        return push_early(call, *grads)
+
     def counted_backward(dy, saved, needs, inputs_done):  # type: ignore[no-untyped-def]
         gathered_early.append(saved.x_NH is not None)
         return backward(dy, saved, needs, inputs_done)
 
     RowsInFlight.send_grads_now = counted_send  # type: ignore[method-assign]
+    _Call.push_early = counted_push  # type: ignore[method-assign]
     triton_experts._grouped_mm_grads = counted_backward
     try:
         for grouped_mm in ("0", "1"):
@@ -474,14 +546,25 @@ def check_triton_backend(world: World, mode: str) -> str | None:
             # The prologue reads the experts' saved tensors: under checkpointing, that is where
             # the recompute (and its collectives) runs, on every rank alike.
             check_activation_checkpointing(world, mode, backend="triton")
+            if mode == "alltoall":  # the peer transport: its kernels, and its early push
+                gathered_before = len(gathered_early)
+                for counts in TOKEN_COUNTS[world.size]:
+                    compare_with_reference(
+                        world, CFG_UNEVEN, mode, counts, backend="triton", transport="peers", forced=True
+                    )
+                check_activation_checkpointing(world, mode, backend="triton", transport="peers")
+                del gathered_early[gathered_before:]  # no prologue on the peer transport
     finally:
         RowsInFlight.send_grads_now = send_grads_now  # type: ignore[method-assign]
+        _Call.push_early = push_early  # type: ignore[method-assign]
         triton_experts._grouped_mm_grads = backward
         triton_experts.GROUPED_MM_BACKWARD = grouped_mm_default
     # Once per chunk and backward, on every rank (a rank without tokens too). The _grouped_mm
     # path needs a routed row; without one (E_loc experts got no pair) the kernels run.
     backwards = 2 * (len(TOKEN_COUNTS[world.size]) + 3)
     assert sent_early == ([2] * backwards if mode == "alltoall" else []), sent_early
+    peer_backwards = 2 * (len(TOKEN_COUNTS[world.size]) + 1)
+    assert pushed_early == ([2] * peer_backwards if mode == "alltoall" else []), pushed_early
     assert gathered_early and all(gathered_early) == (mode == "alltoall"), gathered_early
     return None
 

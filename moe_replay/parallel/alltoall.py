@@ -139,16 +139,17 @@ has symmetric memory on a GPU, the call has one chunk, and the layer's last call
 knows every rank's counts (the all-gathered count matrix), so all ranks choose alike. The
 ``transport`` attribute overrides it per layer (the same on every rank).
 
-Why by size (4 H100s, Qwen3 shape, benchmarks/RESULTS.md, sixth session): the peer transport
-launches fewer kernels and moves no rows through send buffers, which wins where the call is
-host-bound (T = 4096 per rank, about 15k rows sent per rank: forward+backward 4.5-6.4 ms against
-6.2-7.7); at T = 16384 (about 59k rows) its loads and stores get no more NVLink bandwidth than
-NCCL's all-to-all, and NCCL's overlap with the weight-gradient GEMM is the better one
-(12.2-13.5 ms against 12.9-13.4)."""
+Why by size (4 H100s, Qwen3 shape, forward+backward ms, benchmarks/RESULTS.md, sixth session):
+the peer transport launches fewer kernels and moves no rows through send buffers, which wins
+where the call is host-bound: T = 4096 per rank (about 15k rows sent per rank) 3.9-6.4 against
+5.4-7.7 for collectives in six runs. At T = 8192 (about 30k rows) they tie (6.4-6.9 against
+6.3-7.0); at T = 16384 (about 59k rows) its loads and stores get no more NVLink bandwidth than
+NCCL's all-to-all, and NCCL's transfer next to the weight-gradient GEMM is the better overlap
+(12.5-13.4 against 11.8-13.5)."""
 
-PEERS_MAX_ROWS = int(os.environ.get("MOE_REPLAY_EP_PEERS_MAX_ROWS", "32768"))
+PEERS_MAX_ROWS = int(os.environ.get("MOE_REPLAY_EP_PEERS_MAX_ROWS", "24576"))
 """``"auto"``'s limit: the most rows one rank sent in the layer's last call for the peer transport
-to be chosen (between the two sizes measured; a tuning switch)."""
+to be chosen (between the sizes where it won and tied; a tuning switch)."""
 
 TRANSPORTS = ("auto", "peers", "collectives")
 

@@ -18,6 +18,9 @@ Which primitives, and why (they must run on gloo, for CPU tests, and on NCCL):
   order. The traffic is that of a ring reduce-scatter; the sum is deterministic, and in float32
   even for bf16 rows (NCCL would sum in bf16).
 * all-to-all of uneven rows: ``all_to_all_single`` with split sizes, on both backends.
+* counts (:class:`CountExchange`): one all-gather of equal-sized int32 rows
+  (``all_gather_into_tensor``, flat, as gloo wants it), so that every rank knows what every rank
+  sends every rank.
 
 Backward passes are the adjoint collectives: all-gather <-> reduce-scatter, and all-to-all with
 the send and receive counts swapped. A rank whose rows are empty still takes part, forward and

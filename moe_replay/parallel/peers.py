@@ -144,6 +144,8 @@ def peer_memory(group: ProcessGroup, device: torch.device, nbytes: int) -> PeerM
     for the same ``nbytes`` at the same point; grown by half again, so that it rarely grows)."""
     key = (group.group_name, device)
     memory = _MEMORY.get(key)
+    if memory is not None and memory.group is not group:  # a new group under a destroyed one's name
+        memory = None
     if memory is None or memory.nbytes < nbytes:
         size = max(nbytes, 3 * memory.nbytes // 2 if memory is not None else 0)
         _MEMORY.pop(key, None)

@@ -115,7 +115,7 @@ if TYPE_CHECKING:
     from torch import nn
     from torch.distributed import ProcessGroup
 
-    from moe_replay.backends.base import Backend, InputGradsHook
+    from moe_replay.backends.base import Backend, InputGradsHook, SendPlan
     from moe_replay.parallel.partition import ExpertPartition
     from moe_replay.routing.route import Routing
 
@@ -165,9 +165,11 @@ def comm_sms(device: torch.device) -> int:
 
 
 @dataclass(frozen=True)
-class _Counts:
-    """What the count exchange tells this rank (host ints), per chunk."""
+class Counts:
+    """What the count exchange tells this rank (host ints)."""
 
+    rows: tuple[tuple[int, ...], ...]
+    """``[s][d]``: token rows rank s sends rank d, over all chunks."""
     send_rows: list[list[int]]
     """``[chunk][rank]``: token rows this rank sends to each rank."""
     recv_rows: list[list[int]]
@@ -178,14 +180,16 @@ class _Counts:
     """Whether any rank's input (x or gate weights) needs a gradient."""
 
     @staticmethod
-    def read(sent_WC3: list, received_WC3: list) -> _Counts:
-        """The counts from the exchange buffer's rows (per rank, per chunk: rows, pairs, flag)."""
-        chunks = range(len(sent_WC3[0]))
-        return _Counts(
-            send_rows=[[rank[c][0] for rank in sent_WC3] for c in chunks],
-            recv_rows=[[rank[c][0] for rank in received_WC3] for c in chunks],
-            recv_pairs=[sum(rank[c][1] for rank in received_WC3) for c in chunks],
-            any_needs_grad=any(rank[c][2] for rank in received_WC3 for c in chunks),
+    def read(matrix: list, rank: int) -> Counts:
+        """The counts from the all-gathered matrix ``[s][d][chunk]`` of (rows, pairs, grad flag)."""
+        sent, received = matrix[rank], [row[rank] for row in matrix]
+        chunks = range(len(sent[0]))
+        return Counts(
+            rows=tuple(tuple(sum(chunk[0] for chunk in to_d) for to_d in row) for row in matrix),
+            send_rows=[[to_d[c][0] for to_d in sent] for c in chunks],
+            recv_rows=[[from_s[c][0] for from_s in received] for c in chunks],
+            recv_pairs=[sum(from_s[c][1] for from_s in received) for c in chunks],
+            any_needs_grad=any(chunk[2] for row in matrix for to_d in row for chunk in to_d),
         )
 
 
@@ -232,6 +236,7 @@ class AllToAllDispatcher:
         }
         self._device_constants: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._counts: CountExchange | None = None
+        self.rank = dist.get_rank(group)
         self._last_send_rows: tuple[int, ...] = ()
         self._last_most_rows: int | None = None  # the last call's longest send list, over ranks
 
@@ -297,6 +302,32 @@ class AllToAllDispatcher:
             self._counts = CountExchange(self.group, shape)
         return self._counts
 
+    def _capacity_sends(
+        self, x_TH: torch.Tensor, meta_TM: torch.Tensor, plan: SendPlan, backend: Backend, reach: int
+    ) -> list[tuple[torch.Tensor, ...]]:
+        """Each chunk's send rows of x and meta at capacity (the first S_c of them are the list;
+        the rest, copies of a chunk's first token, are not sent): queued before the host waits
+        for the counts, so that the device has work meanwhile."""
+        C, sends = self.chunks, []
+        for c in range(C):
+            rows = plan.rows(c)
+            to_ranks_cap = plan.chunk(c, (rows.stop - rows.start) * reach)[1]
+            # One chunk reads the whole tensors (a slice would cost its backward a zero-fill and a
+            # copy of the gradient).
+            x_c, meta_c = (x_TH, meta_TM) if C == 1 else (x_TH[rows], meta_TM[rows])
+            sends.append(
+                (backend.permute_rows(x_c, to_ranks_cap), backend.permute_rows(meta_c, to_ranks_cap))
+            )
+        return sends
+
+    def _read_counts(self, exchange: CountExchange) -> Counts:
+        """The counts (the host waits here: the one sync of a call), and the sizes the next call
+        and :attr:`last_send_rows` read from them."""
+        counts = Counts.read(exchange.read(), self.rank)
+        self._last_send_rows = counts.rows[self.rank]
+        self._last_most_rows = max(map(sum, counts.rows))
+        return counts
+
     def __call__(
         self, x_TH: torch.Tensor, routing: Routing, experts: nn.Module, backend: Backend
     ) -> torch.Tensor:
@@ -305,16 +336,7 @@ class AllToAllDispatcher:
         K = routing.expert_ids.shape[1]
         ids_TK = routing.expert_ids.to(device, torch.int32)  # no-op: int32 is Routing's contract
         weights_TK = routing.weights.to(device)  # float32
-        if self.transport_for(device) == "peers":
-            if self._peers is None:
-                self._peers = PeerTransport(self.group, part)
-            overlap, sms = self.overlap_backward, comm_sms(device)
-            counts = self._count_exchange()
-            y_TH, rows = self._peers(
-                x_TH, ids_TK, weights_TK, experts, backend, self._constant, counts, overlap, sms
-            )
-            self._last_send_rows, self._last_most_rows = rows[self._peers.rank], max(map(sum, rows))
-            return y_TH
+        peers = self.transport_for(device) == "peers"
         reach = min(part.world_size, K)  # ranks a token can reach: the send list's capacity per token
 
         # The phases are named in profiles (torch.profiler) by these ranges.
@@ -323,26 +345,18 @@ class AllToAllDispatcher:
             exchange = self._count_exchange()
             rank_offsets_W1 = self._constant("rank_offsets_W1", device)
             plan = backend.send_plan(ids_TK, rank_offsets_W1, C, exchange.mine(int(needs_grad), device))
-            exchange.launch()
-            # Queued before the host waits for the counts, so the device has work meanwhile: each
-            # chunk's send rows at capacity (the first S_c of them are the list; the rest, copies
-            # of a chunk's first token, are not sent).
+            gathered = exchange.launch()
             meta_TM = torch.cat([weights_TK, ids_TK], dim=1)  # [T, 2K] float32 (ids promoted)
-            sends = []
-            for c in range(C):
-                rows = plan.rows(c)
-                to_ranks_cap = plan.chunk(c, (rows.stop - rows.start) * reach)[1]
-                # One chunk reads the whole tensors (a slice would cost its backward a zero-fill
-                # and a copy of the gradient).
-                x_c, meta_c = (x_TH, meta_TM) if C == 1 else (x_TH[rows], meta_TM[rows])
-                x_cap = backend.permute_rows(x_c, to_ranks_cap)
-                meta_cap = backend.permute_rows(meta_c, to_ranks_cap)
-                sends.append((x_cap, meta_cap))
-            matrix = exchange.read()  # the one host sync
-            me = dist.get_rank(self.group)
-            counts = _Counts.read(matrix[me], [row[me] for row in matrix])
-            self._last_send_rows = tuple(map(sum, zip(*counts.send_rows)))
-            self._last_most_rows = max(sum(chunk[0] for to_d in row for chunk in to_d) for row in matrix)
+            sends = [] if peers else self._capacity_sends(x_TH, meta_TM, plan, backend, reach)
+            counts = self._read_counts(exchange)
+
+        if peers:
+            if self._peers is None:
+                self._peers = PeerTransport(self.group, part)
+            return self._peers(
+                x_TH, meta_TM, plan, counts, gathered, experts, backend, self._constant,
+                self.overlap_backward and counts.any_needs_grad, comm_sms(device),
+            )  # fmt: skip
 
         with record_function("moe_replay.alltoall.send"):
             flights: list[RowsInFlight] = []

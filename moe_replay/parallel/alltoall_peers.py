@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 
 from moe_replay.backends.base import ExpertBuckets, PeerArea, PeerExchange, PeerRows, SendPlan
-from moe_replay.parallel.collectives import CountExchange, align_requires_grad, input_needs_grad
+from moe_replay.parallel.collectives import align_requires_grad, check_sent_early
 from moe_replay.parallel.peers import PeerMemory, peer_memory, row_layout
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
     from moe_replay.backends.base import Backend, InputGradsHook
+    from moe_replay.parallel.alltoall import Counts
     from moe_replay.parallel.partition import ExpertPartition
 
 SIDE_CHANNEL = 1  # the barrier channel of the side stream's push (the main stream's is 0)
@@ -204,12 +205,7 @@ class _PullRows(torch.autograd.Function):
             call.push(dx_MH, dmeta_MM, 0, 0)
         else:
             (sent_x, sent_meta, done), call.early = call.early, None
-            for got, sent in ((dx_MH, sent_x), (dmeta_MM, sent_meta)):
-                if got is not None and (sent is None or got.data_ptr() != sent.data_ptr()):
-                    raise RuntimeError(
-                        "the gradient of the received rows changed after on_input_grads pushed it: "
-                        "the rows have another consumer besides the experts"
-                    )
+            check_sent_early((dx_MH, dmeta_MM), (sent_x, sent_meta), "the received rows", "the experts")
             if done is not None:
                 torch.cuda.current_stream(call.device).wait_event(done)
         back = call.areas
@@ -238,8 +234,8 @@ class _SumPartials(torch.autograd.Function):
 
 
 class PeerTransport:
-    """The peer transport of one ``AllToAllDispatcher`` (module docstring): its count buffers and
-    the areas of the group's symmetric memory it last used."""
+    """The peer transport of one ``AllToAllDispatcher`` (module docstring): the areas of the
+    group's symmetric memory it last used."""
 
     def __init__(self, group: ProcessGroup, partition: ExpertPartition) -> None:
         self.group = group
@@ -250,45 +246,39 @@ class PeerTransport:
     def __call__(
         self,
         x_TH: torch.Tensor,
-        ids_TK: torch.Tensor,
-        weights_TK: torch.Tensor,
+        meta_TM: torch.Tensor,
+        plan: SendPlan,
+        counts: Counts,
+        counts_WW13: torch.Tensor,
         experts: nn.Module,
         backend: Backend,
         constant: Callable[[str, torch.device], torch.Tensor],
-        counts: CountExchange,
-        overlap_backward: bool,
+        push_early: bool,
         comm_sms: int,
-    ) -> tuple[torch.Tensor, tuple[tuple[int, ...], ...]]:
-        """``(y_TH, rows[s][d])``: the output, and the rows each rank sent each rank."""
-        part, device, me = self.partition, x_TH.device, self.rank
-        W, K, H = part.world_size, ids_TK.shape[1], x_TH.shape[1]
-        needs_grad = input_needs_grad(x_TH) or input_needs_grad(weights_TK)
-        plan = backend.send_plan(
-            ids_TK, constant("rank_offsets_W1", device), 1, counts.mine(int(needs_grad), device)
-        )
-        gathered = counts.launch()
-        meta_TM = torch.cat([weights_TK, ids_TK], dim=1)  # [T, 2K] float32 (ids promoted)
-        matrix = counts.read()  # the one host sync
-        rows = tuple(tuple(matrix[s][d][0][0] for d in range(W)) for s in range(W))
-        exchange = PeerExchange(rank=me, rows=rows, counts_WW3=gathered.view(W, W, 3))
-        any_needs_grad = any(matrix[s][d][0][2] for s in range(W) for d in range(W))
-        pairs = sum(matrix[s][me][0][1] for s in range(W))
+    ) -> torch.Tensor:
+        """``y_TH`` of the call whose send plan (one chunk), counts and their device copy
+        (``[W, W, 1, 3]``, all-gathered) the dispatcher made; ``push_early``: whether the experts'
+        backward pushes the rows' gradients before the weight gradients (only where
+        ``_PullRows``' backward will run and wait for the push: some rank's input needs a
+        gradient)."""
+        part, device, me, rows = self.partition, x_TH.device, self.rank, counts.rows
+        W, M2, H = part.world_size, meta_TM.shape[1], x_TH.shape[1]
+        exchange = PeerExchange(rank=me, rows=rows, counts_WW3=counts_WW13.view(W, W, 3))
 
         # The rows an area needs, the most over ranks: every rank asks for the same memory.
         most = max(1, *(sum(r) for r in rows), *(sum(r[d] for r in rows) for d in range(W)))
-        memory = peer_memory(self.group, device, row_layout(most, _Areas.row_bytes(H, 2 * K, x_TH.dtype))[1])
-        if self._areas is None or self._areas[:4] != (memory, H, 2 * K, x_TH.dtype):
-            self._areas = (memory, H, 2 * K, x_TH.dtype, _Areas.carve(memory, H, 2 * K, x_TH.dtype))
+        memory = peer_memory(self.group, device, row_layout(most, _Areas.row_bytes(H, M2, x_TH.dtype))[1])
+        if self._areas is None or self._areas[:4] != (memory, H, M2, x_TH.dtype):
+            self._areas = (memory, H, M2, x_TH.dtype, _Areas.carve(memory, H, M2, x_TH.dtype))
         areas = self._areas[4]
         _, to_ranks = plan.chunk(0, exchange.num_sent)
         call = _Call(memory, areas, exchange, plan, to_ranks, backend, x_TH.dtype, comm_sms)
 
-        x_TH = align_requires_grad(x_TH, any_needs_grad)  # a rank without gradients joins the backward
+        x_TH = align_requires_grad(x_TH, counts.any_needs_grad)  # a rank without gradients joins the backward
         x_MH, meta_MM = _PullRows.apply(call, x_TH, meta_TM)
         local_of_expert_E = constant("local_of_expert_E", device)
-        buckets = backend.received_buckets(meta_MM, local_of_expert_E, part.num_local, pairs)
-        # The early push only where _PullRows' backward will run and wait for it.
-        early: InputGradsHook | None = call.push_early if overlap_backward and any_needs_grad else None
+        buckets = backend.received_buckets(meta_MM, local_of_expert_E, part.num_local, counts.recv_pairs[0])
+        early: InputGradsHook | None = call.push_early if push_early else None
         to_origins = PeerRows(areas.back_rows, exchange)  # the combine writes each row home
         placeholder = experts.forward_combined(x_MH, buckets, meta_MM, backend, x_TH.dtype, early, to_origins)
-        return _SumPartials.apply(call, placeholder), rows
+        return _SumPartials.apply(call, placeholder)

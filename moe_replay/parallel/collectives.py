@@ -315,13 +315,22 @@ class _FinishAllToAll(torch.autograd.Function):
         if flight.early is None:
             return None, *flight._start_grads(grads)
         (sent, placeholders), flight.early = flight.early, None
-        for got, was_sent in zip(grads, sent):
-            if got is not None and (was_sent is None or got.data_ptr() != was_sent.data_ptr()):
-                raise RuntimeError(
-                    "the gradient of an all-to-all's rows changed after send_grads_now sent it: the "
-                    "rows have another consumer besides the node that sent their gradients"
-                )
+        check_sent_early(grads, sent, "an all-to-all's rows", "the node that sent their gradients")
         return None, *placeholders
+
+
+def check_sent_early(
+    got: Sequence[torch.Tensor | None], sent: Sequence[torch.Tensor | None], rows: str, sender: str
+) -> None:
+    """``RuntimeError`` unless the gradients autograd hands a transfer's backward are the tensors
+    their consumer sent early (from inside its own backward): a gradient that changed since has
+    another consumer's share, which the early transfer missed."""
+    for g, s in zip(got, sent):
+        if g is not None and (s is None or g.data_ptr() != s.data_ptr()):
+            raise RuntimeError(
+                f"the gradient of {rows} changed after it was sent early: the rows have another "
+                f"consumer besides {sender}"
+            )
 
 
 def start_all_to_all_rows(
@@ -370,7 +379,7 @@ class CountExchange:
         self.shape = tuple(shape)  # [W, *X]
         self._buffers: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._ready: torch.cuda.Event | None = None
-        self._device: torch.device | None = None
+        self._key: tuple[int, torch.device] | None = None  # the buffers mine() handed out last
 
     def mine(self, fill: int, device: torch.device) -> torch.Tensor:
         """This rank's ``[W, *X]`` counts to fill before :meth:`launch`; entries not written keep

@@ -335,11 +335,12 @@ class Backend(ABC):
 
         return pull_rows(src, exchange, token_M)
 
-    def push_rows(self, x_MX: torch.Tensor, dst: PeerArea, exchange: PeerExchange, sms: int) -> None:
-        """The peer transport's backward of ``pull_rows``' rows, run by each receiver: its received
-        row ``recv_start(rank, s) + i`` goes to ``dst[s][send_start(s, rank) + i]`` (origin s's
-        place). ``sms``: at most how many SMs a kernel may occupy (it runs next to GEMMs; 0: any).
-        Torch reference here (one copy per origin)."""
+    def push_rows(self, x_MX: torch.Tensor, dst: PeerArea, exchange: PeerExchange) -> None:
+        """The peer transport's way home for a receiver's rows: its received row
+        ``recv_start(rank, s) + i`` goes to ``dst[s][send_start(s, rank) + i]`` (origin s's
+        place). Each origin's rows are one block on both sides: one ``Tensor.copy_`` per origin,
+        which on a GPU a copy engine runs over NVLink, holding no SMs (the backward runs it next
+        to the experts' GEMMs). Not differentiable."""
         from moe_replay.backends.torch.peers import push_rows
 
         push_rows(x_MX, dst, exchange)
@@ -371,7 +372,7 @@ def peer_placeholder(rows: int, like: torch.Tensor) -> torch.Tensor:
 class _PushInto(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, out, backend):  # type: ignore[override]
-        backend.push_rows(y.contiguous(), out.area, out.exchange, 0)
+        backend.push_rows(y, out.area, out.exchange)
         return peer_placeholder(y.shape[0], y)
 
     @staticmethod

@@ -134,22 +134,15 @@ switch for A/B measurements; results are the same either way."""
 TRANSPORT = os.environ.get("MOE_REPLAY_EP_TRANSPORT", "auto")
 """How tokens travel: ``"collectives"`` (``all_to_all_single``, this module), ``"peers"``
 (symmetric memory, ``moe_replay.parallel.alltoall_peers``), or ``"auto"``: peers where the group
-has symmetric memory on a GPU, the call has one chunk, and the layer's last call sent at most
-:data:`PEERS_MAX_ROWS` rows from any rank; else collectives (a layer's first call too). Every rank
-knows every rank's counts (the all-gathered count matrix), so all ranks choose alike. The
-``transport`` attribute overrides it per layer (the same on every rank).
+has symmetric memory on a GPU and the call has one chunk, else collectives (the CPU: its
+shared-memory peers are for tests and explicit use). The ``transport`` attribute overrides it per
+layer (the same on every rank).
 
-Why by size (4 H100s, Qwen3 shape, forward+backward ms, benchmarks/RESULTS.md, sixth session):
-the peer transport launches fewer kernels and moves no rows through send buffers, which wins
-where the call is host-bound: T = 4096 per rank (about 15k rows sent per rank) 3.9-6.4 against
-5.4-7.7 for collectives in six runs. At T = 8192 (about 30k rows) they tie (6.4-6.9 against
-6.3-7.0); at T = 16384 (about 59k rows) its loads and stores get no more NVLink bandwidth than
-NCCL's all-to-all, and NCCL's transfer next to the weight-gradient GEMM is the better overlap
-(12.5-13.4 against 11.8-13.5)."""
-
-PEERS_MAX_ROWS = int(os.environ.get("MOE_REPLAY_EP_PEERS_MAX_ROWS", "24576"))
-"""``"auto"``'s limit: the most rows one rank sent in the layer's last call for the peer transport
-to be chosen (between the sizes where it won and tied; a tuning switch)."""
+Why (4 H100s, Qwen3 shape, forward / forward+backward ms on one machine, benchmarks/RESULTS.md,
+seventh session): peers 2.20 / 4.56 at T = 4096 per rank and 4.62 / 11.49 at T = 16384, against
+3.05 / 5.76 and 4.41 / 11.88 for collectives. The peer transport launches fewer kernels and
+moves no rows through send buffers in the forward, which wins where the call is host-bound;
+its backward copies blocks with copy engines, which leave the weight-gradient GEMMs every SM."""
 
 TRANSPORTS = ("auto", "peers", "collectives")
 
@@ -159,8 +152,8 @@ COMM_SMS = int(os.environ["MOE_REPLAY_EP_COMM_SMS"]) if "MOE_REPLAY_EP_COMM_SMS"
 
 
 def comm_sms(device: torch.device) -> int:
-    """How many SMs the experts' backward leaves to the transfer it overlaps: :data:`COMM_SMS`,
-    else NCCL's cap (``collectives.collective_sms``), which the peer transport's push keeps to."""
+    """How many SMs the experts' backward leaves to the all-to-all it overlaps: :data:`COMM_SMS`,
+    else NCCL's cap (``collectives.collective_sms``). The peer transport's copies need none."""
     return collective_sms(device) if COMM_SMS is None else COMM_SMS
 
 
@@ -238,7 +231,6 @@ class AllToAllDispatcher:
         self._counts: CountExchange | None = None
         self.rank = dist.get_rank(group)
         self._last_send_rows: tuple[int, ...] = ()
-        self._last_most_rows: int | None = None  # the last call's longest send list, over ranks
 
     @property
     def last_send_rows(self) -> tuple[int, ...]:
@@ -252,8 +244,7 @@ class AllToAllDispatcher:
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.transport == "auto":
-            small = self._last_most_rows is not None and self._last_most_rows <= PEERS_MAX_ROWS
-            usable = small and device.type == "cuda" and self.chunks == 1
+            usable = device.type == "cuda" and self.chunks == 1
             usable = usable and peers_unavailable_reason(self.group, device) is None
             return "peers" if usable else "collectives"
         if self.transport == "peers":
@@ -321,11 +312,10 @@ class AllToAllDispatcher:
         return sends
 
     def _read_counts(self, exchange: CountExchange) -> Counts:
-        """The counts (the host waits here: the one sync of a call), and the sizes the next call
-        and :attr:`last_send_rows` read from them."""
+        """The counts (the host waits here: the one sync of a call); :attr:`last_send_rows` reads
+        them."""
         counts = Counts.read(exchange.read(), self.rank)
         self._last_send_rows = counts.rows[self.rank]
-        self._last_most_rows = max(map(sum, counts.rows))
         return counts
 
     def __call__(
@@ -347,16 +337,18 @@ class AllToAllDispatcher:
             plan = backend.send_plan(ids_TK, rank_offsets_W1, C, exchange.mine(int(needs_grad), device))
             gathered = exchange.launch()
             meta_TM = torch.cat([weights_TK, ids_TK], dim=1)  # [T, 2K] float32 (ids promoted)
+            if peers:  # the rows staged while the host waits, where they fit
+                if self._peers is None:
+                    self._peers = PeerTransport(self.group, part)
+                self._peers.stage_early(x_TH, meta_TM, plan, x_TH.shape[0] * reach)
             sends = [] if peers else self._capacity_sends(x_TH, meta_TM, plan, backend, reach)
             counts = self._read_counts(exchange)
 
         if peers:
-            if self._peers is None:
-                self._peers = PeerTransport(self.group, part)
+            push_early = self.overlap_backward and counts.any_needs_grad
             return self._peers(
-                x_TH, meta_TM, plan, counts, gathered, experts, backend, self._constant,
-                self.overlap_backward and counts.any_needs_grad, comm_sms(device),
-            )  # fmt: skip
+                x_TH, meta_TM, plan, counts, gathered, experts, backend, self._constant, push_early
+            )
 
         with record_function("moe_replay.alltoall.send"):
             flights: list[RowsInFlight] = []

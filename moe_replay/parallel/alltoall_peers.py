@@ -5,11 +5,11 @@ Shape legend as in ``moe_replay.parallel.alltoall``: W ranks, T this rank's toke
 send list (one per token and rank holding one of its experts), M rows it receives, H hidden,
 K experts per token.
 
-Data movement, on each rank (every step a backend stage, every arrow a barrier of the group)::
+Data movement, on each rank (every arrow a barrier of the group)::
 
-    origin    send_plan; all-gather of the counts (every rank learns the W x W matrix); host sync
-              stage x_TH, meta_TM = [gate weights | ids] and the send list's tokens in this
-              rank's symmetric rows                                                    ─► barrier
+    origin    send_plan; all-gather of the counts (every rank learns the W x W matrix); stage
+              x_TH, meta_TM = [gate weights | ids] and the send list's tokens in this rank's
+              symmetric rows; host sync                                                ─► barrier
     receiver  pull_rows: token_M, each row's token from its origin's send list; then x_MH and
               meta_MM, read from the origins' staged rows over NVLink (the permutation and the
               transfer in one kernel each)
@@ -19,28 +19,36 @@ Data movement, on each rank (every step a backend stage, every arrow a barrier o
 
 Backward::
 
-    origin    stage dy_TH                                                              ─► barrier
-    receiver  pull_rows: dy_MH (by token_M); the experts' backward; as soon as dx_MH and the
-              gate weights' gradient are done (``on_input_grads``), push_rows writes them into
-              their origins' return rows, on a side stream next to the weight-gradient GEMMs,
-              which leave it the SMs it runs on                                        ─► barrier
+    origin    stage dy_TH in the send list's order (each receiver's rows one block)     ─► barrier
+    receiver  copy dy_MH's blocks in (copy engines, on the copy stream), while the experts'
+              backward queues what needs no gradient (``Backend.prepare_backward``: the Triton
+              one gathers the x rows its weight gradient reads); the experts' backward; as soon
+              as dx_MH and the gate weights' gradient are done (``on_input_grads``) their blocks
+              are copied into their origins' return rows on the copy stream, next to the
+              weight-gradient GEMMs, which need leave no SMs free for copies         ─► barrier
     origin    each token's gradient rows summed (the send list's buckets): x's and the gate
               weights' gradients
 
-Compared with NCCL's all-to-all: no permutation into send buffers (the receiver reads the
-origin's rows where they are), no separate pass for the return (the combine writes remote rows),
-no buffers at a capacity, and the loads and stores run on every SM, not NCCL's 32. The receiver's
-rows (x_MH, which the experts' backward keeps) are its own tensors: only staged and returned rows
-live in symmetric memory.
+Compared with NCCL's all-to-all: no permutation into send buffers in the forward (the receiver
+reads the origin's rows where they are), no separate pass for the return (the combine writes
+remote rows), no buffers at a capacity, and the forward's loads and stores run on every SM, not
+NCCL's 32. The backward moves contiguous blocks (a receiver's rows from one origin are one
+block of the origin's send list), which copy engines carry over NVLink as fast as NCCL's
+all-to-all (benchmarks/probe_copy_engine.py), holding no SMs: the GEMMs next to them run on all
+of them, losing only some memory bandwidth. The receiver's rows (x_MH, which the experts'
+backward keeps) are its own tensors: only staged and returned rows live in symmetric memory.
+
+Staging comes first in a call, queued before the host waits for the counts where the last
+call's areas have room (``PeerTransport.stage_early``), so that the device has work meanwhile.
 
 Why the barriers are enough. A rank's staged rows are written by it and read by the others
 between two barriers; its return rows are written by the others and read by it after a barrier.
-The next write to either comes after the next exchange's first barrier, which no rank passes
-before every rank has done its reads of the last one (stream order on each rank). So one buffer
-per group serves every layer, forward and backward, activation checkpointing included; it grows
-(collectively, every rank agreeing from the count matrix) when a call needs more rows than it
-has. The side stream's push ends with its own barrier on another channel, and the main stream
-waits for it before the next exchange.
+The next write to either comes after the next exchange's first barrier, or, for staging, after
+the last exchange's final barrier, which no rank passes before every rank has done its reads of
+the last one (stream order on each rank: the copy stream's work joins the main stream before
+its next barrier, and every barrier runs on the main stream). So one buffer per group serves
+every layer, forward and backward, activation checkpointing included; it grows (collectively,
+every rank agreeing from the count matrix) when a call needs more rows than it has.
 """
 
 from __future__ import annotations
@@ -63,8 +71,6 @@ if TYPE_CHECKING:
     from moe_replay.backends.base import Backend, InputGradsHook
     from moe_replay.parallel.alltoall import Counts
     from moe_replay.parallel.partition import ExpertPartition
-
-SIDE_CHANNEL = 1  # the barrier channel of the side stream's push (the main stream's is 0)
 
 
 @dataclass(frozen=True)
@@ -115,11 +121,14 @@ class _Call:
     place for each rank (-1: none)."""
     backend: Backend
     out_dtype: torch.dtype
-    comm_sms: int
+    staged: bool = False
+    """Whether x, meta and the send list were staged before the count sync (``stage_early``)."""
     token_M: torch.Tensor | None = None
-    """Each received row's token on its origin (pulled once in the forward, used again for dy)."""
+    """Each received row's token on its origin (pulled once in the forward)."""
+    experts_node: object | None = None
+    """The experts' autograd node: the backward queues its prologue while dy is copied in."""
     early: tuple | None = None
-    """``(dx_MH, dmeta_MM, done event or None)`` once ``push_early`` pushed them."""
+    """``(dx_MH, dmeta_MM, done event or None)`` once ``push_early`` sent them."""
 
     @property
     def me(self) -> int:
@@ -129,6 +138,21 @@ class _Call:
     def device(self) -> torch.device:
         return self.areas.back_rows.views[self.me].device
 
+    @property
+    def copies(self) -> torch.cuda.Stream | None:
+        """The stream the backward's copies run on (None on the CPU: they run at once)."""
+        return _copy_stream(self.device) if self.device.type == "cuda" else None
+
+    def blocks(self) -> list[tuple[int, slice, slice]]:
+        """Per origin s, this receiver's rows from s and their places in s's send list (a
+        receiver's rows are each origin's, in rank order: one block each); its own first."""
+        ex, W = self.exchange, self.exchange.world_size
+        out = []
+        for s in ((self.me + j) % W for j in range(W)):
+            n, recv, send = ex.rows[s][self.me], ex.recv_start(self.me, s), ex.send_start(s, self.me)
+            out.append((s, slice(recv, recv + n), slice(send, send + n)))
+        return out
+
     def sum_per_token(self, area: PeerArea, out_dtype: torch.dtype) -> torch.Tensor:
         """``out[t] = sum of area's rows at t's places`` (this rank's rows of ``area`` in its send
         list's order), float32 in rank order: each token's partials, or its gradient rows."""
@@ -136,49 +160,56 @@ class _Call:
         ones_TW = torch.ones(slot_of_row_TW.shape, dtype=torch.float32, device=self.device)
         return self.backend.combine(area.views[self.me][:S], self.to_ranks, ones_TW, out_dtype)
 
-    def push(self, dx_MH: torch.Tensor | None, dmeta_MM: torch.Tensor | None, sms: int, channel: int) -> None:
-        """Every received row's gradients to its origin's return rows, then a barrier."""
+    def push(self, dx_MH: torch.Tensor | None, dmeta_MM: torch.Tensor | None) -> None:
+        """Every received row's gradients into its origin's return rows (``Backend.push_rows``: a
+        block per origin, copy engines on a GPU); the barrier after them is the caller's."""
         M = self.exchange.num_received
-        rows, meta = self.areas.back_rows, self.areas.back_meta
-        H, M2 = rows.views[self.me].shape[1], meta.views[self.me].shape[1]
-        device = self.device
-        # Every rank pushes both, whether or not it has gradients for them (zeros then): its
-        # origins sum whatever their rows hold.
-        if dx_MH is None:
-            dx_MH = torch.zeros(M, H, dtype=rows.views[self.me].dtype, device=device)
-        if dmeta_MM is None:
-            dmeta_MM = torch.zeros(M, M2, dtype=torch.float32, device=device)
-        self.backend.push_rows(dx_MH.to(rows.views[self.me].dtype).contiguous(), rows, self.exchange, sms)
-        self.backend.push_rows(dmeta_MM.float().contiguous(), meta, self.exchange, sms)
-        self.memory.barrier(channel)
+        for grads, area in ((dx_MH, self.areas.back_rows), (dmeta_MM, self.areas.back_meta)):
+            own = area.views[self.me]
+            # Every rank sends both, gradients or not (zeros): its origins sum what they hold.
+            if grads is None:
+                grads = torch.zeros(M, own.shape[1], dtype=own.dtype, device=own.device)
+            self.backend.push_rows(grads.to(own.dtype), area, self.exchange)
 
     def push_early(self, dx_MH: torch.Tensor | None, dmeta_MM: torch.Tensor | None) -> int:
-        """The experts' ``on_input_grads``: push on a side stream (CUDA) while their weight
-        gradients run; returns the SMs the push may hold."""
+        """The experts' ``on_input_grads``: the copies home on the copy stream, next to their
+        weight-gradient GEMMs. Copy engines hold no SMs, so the GEMMs need leave none free:
+        returns 0. (The barrier after the copies runs on the main stream, after those GEMMs: a
+        kernel waiting on other ranks next to a persistent GEMM holds one of its SMs, and with
+        it the GEMM.)"""
         if self.early is not None:
             raise RuntimeError("the peer transport's gradients were pushed twice in one backward")
-        device = self.device
-        if device.type != "cuda":
-            self.push(dx_MH, dmeta_MM, 0, 0)
-            self.early = (dx_MH, dmeta_MM, None)
-            return 0
-        main, side = torch.cuda.current_stream(device), _side_stream(device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            self.push(dx_MH, dmeta_MM, self.comm_sms, SIDE_CHANNEL)
-            done = torch.cuda.Event()
-            done.record(side)
+        copies, done = self.copies, None
+        if copies is None:
+            self.push(dx_MH, dmeta_MM)
+        else:
+            copies.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(copies):
+                self.push(dx_MH, dmeta_MM)
+                done = torch.cuda.Event()
+                done.record(copies)
         self.early = (dx_MH, dmeta_MM, done)
-        return self.comm_sms
+        return 0
 
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device, priority=-1)
-    return _SIDE_STREAMS[device]
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device=device, priority=-1)
+    return _COPY_STREAMS[device]
+
+
+@torch.no_grad()
+def _stage(
+    areas: _Areas, rank: int, x_TH: torch.Tensor, meta_TM: torch.Tensor, plan: SendPlan, places: int
+) -> None:
+    """This rank's staged rows: x and meta by token, and the send list's first ``places`` tokens."""
+    T = x_TH.shape[0]
+    areas.stage_rows.views[rank][:T].copy_(x_TH)
+    areas.stage_meta.views[rank][:T].copy_(meta_TM)
+    areas.stage_tokens.views[rank][:places].copy_(plan.token_of_slot_CL[0, :places])
 
 
 class _PullRows(torch.autograd.Function):
@@ -189,10 +220,9 @@ class _PullRows(torch.autograd.Function):
     def forward(ctx, call: _Call, x_TH, meta_TM):  # type: ignore[override]
         ctx.call = call
         ctx.set_materialize_grads(False)
-        areas, me, T, S = call.areas, call.me, x_TH.shape[0], call.exchange.num_sent
-        areas.stage_rows.views[me][:T].copy_(x_TH)
-        areas.stage_meta.views[me][:T].copy_(meta_TM)
-        areas.stage_tokens.views[me][:S].copy_(call.plan.token_of_slot_CL[0, :S])
+        areas = call.areas
+        if not call.staged:
+            _stage(areas, call.me, x_TH, meta_TM, call.plan, call.exchange.num_sent)
         call.memory.barrier()
         pull, exchange = call.backend.pull_rows, call.exchange
         call.token_M = token_M = pull(areas.stage_tokens, exchange)  # each row's token on its origin
@@ -202,12 +232,13 @@ class _PullRows(torch.autograd.Function):
     def backward(ctx, dx_MH, dmeta_MM):  # type: ignore[override]
         call = ctx.call
         if call.early is None:
-            call.push(dx_MH, dmeta_MM, 0, 0)
+            call.push(dx_MH, dmeta_MM)
         else:
             (sent_x, sent_meta, done), call.early = call.early, None
             check_sent_early((dx_MH, dmeta_MM), (sent_x, sent_meta), "the received rows", "the experts")
             if done is not None:
                 torch.cuda.current_stream(call.device).wait_event(done)
+        call.memory.barrier()  # every receiver's rows are home
         back = call.areas
         dx_TH = call.sum_per_token(back.back_rows, back.back_rows.views[call.me].dtype)
         return None, dx_TH, call.sum_per_token(back.back_meta, torch.float32)
@@ -221,16 +252,31 @@ class _SumPartials(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: _Call, placeholder_MH):  # type: ignore[override]
         ctx.call = call
+        ctx.rows = placeholder_MH.shape
         call.memory.barrier()  # every receiver's partials are written
         return call.sum_per_token(call.areas.back_rows, call.out_dtype)
 
     @staticmethod
     def backward(ctx, dy_TH):  # type: ignore[override]
-        call, me = ctx.call, ctx.call.me
-        rows = call.areas.stage_rows
-        rows.views[me][: dy_TH.shape[0]].copy_(dy_TH)
+        call = ctx.call
+        rows, S = call.areas.stage_rows, call.exchange.num_sent
+        # In the send list's order, so that each receiver's rows are one block: copied in by the
+        # copy engines, while the experts' backward queues what needs no gradient.
+        torch.index_select(dy_TH, 0, call.plan.token_of_slot_CL[0, :S], out=rows.views[call.me][:S])
         call.memory.barrier()
-        return None, call.backend.pull_rows(rows, call.exchange, call.token_M)
+        dy_MH = dy_TH.new_empty(ctx.rows)
+        copies = call.copies
+        if copies is not None:
+            copies.wait_stream(torch.cuda.current_stream(call.device))
+        with torch.no_grad(), torch.cuda.stream(copies):  # (None: the CPU, no stream)
+            for s, recv, send in call.blocks():
+                dy_MH[recv].copy_(rows.views[s][send])
+        node, call.experts_node = call.experts_node, None
+        if node is not None:
+            call.backend.prepare_backward(node)
+        if copies is not None:
+            torch.cuda.current_stream(call.device).wait_stream(copies)
+        return None, dy_MH
 
 
 class PeerTransport:
@@ -242,6 +288,22 @@ class PeerTransport:
         self.partition = partition
         self.rank = dist.get_rank(group)
         self._areas: tuple[PeerMemory, int, int, torch.dtype, _Areas] | None = None
+        self._staged: _Areas | None = None
+
+    def stage_early(self, x_TH: torch.Tensor, meta_TM: torch.Tensor, plan: SendPlan, capacity: int) -> None:
+        """Before the count sync: stage x, meta and the send list (its first ``capacity`` places, an
+        upper bound of its length: places past it are never read) in the areas of the last call,
+        where they fit. Then the device stages while the host waits for the counts. The list
+        fits unless the memory grows, and a call whose memory grows stages again. This runs
+        after the last exchange's final barrier on this stream: no rank reads these rows now."""
+        self._staged = None
+        if self._areas is None:
+            return
+        _, H, M2, dtype, areas = self._areas
+        rows = areas.stage_rows.views[self.rank].shape[0]
+        if (H, M2, dtype) == (x_TH.shape[1], meta_TM.shape[1], x_TH.dtype) and x_TH.shape[0] <= rows:
+            _stage(areas, self.rank, x_TH, meta_TM, plan, min(capacity, rows))
+            self._staged = areas
 
     def __call__(
         self,
@@ -254,7 +316,6 @@ class PeerTransport:
         backend: Backend,
         constant: Callable[[str, torch.device], torch.Tensor],
         push_early: bool,
-        comm_sms: int,
     ) -> torch.Tensor:
         """``y_TH`` of the call whose send plan (one chunk), counts and their device copy
         (``[W, W, 1, 3]``, all-gathered) the dispatcher made; ``push_early``: whether the experts'
@@ -272,7 +333,10 @@ class PeerTransport:
             self._areas = (memory, H, M2, x_TH.dtype, _Areas.carve(memory, H, M2, x_TH.dtype))
         areas = self._areas[4]
         _, to_ranks = plan.chunk(0, exchange.num_sent)
-        call = _Call(memory, areas, exchange, plan, to_ranks, backend, x_TH.dtype, comm_sms)
+        call = _Call(
+            memory, areas, exchange, plan, to_ranks, backend, x_TH.dtype, staged=self._staged is areas
+        )
+        self._staged = None
 
         x_TH = align_requires_grad(x_TH, counts.any_needs_grad)  # a rank without gradients joins the backward
         x_MH, meta_MM = _PullRows.apply(call, x_TH, meta_TM)
@@ -281,4 +345,5 @@ class PeerTransport:
         early: InputGradsHook | None = call.push_early if push_early else None
         to_origins = PeerRows(areas.back_rows, exchange)  # the combine writes each row home
         placeholder = experts.forward_combined(x_MH, buckets, meta_MM, backend, x_TH.dtype, early, to_origins)
+        call.experts_node = placeholder.grad_fn
         return _SumPartials.apply(call, placeholder)

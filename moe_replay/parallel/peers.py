@@ -126,11 +126,11 @@ class PeerMemory:
             self._areas[key] = PeerArea(views=views, bases_W=self._bases_W + offset)
         return self._areas[key]
 
-    def barrier(self, channel: int = 0) -> None:
+    def barrier(self) -> None:
         """Every rank's work before it (on this rank's current stream, for CUDA) is done and
         visible to every rank's work after it. Collective."""
         if self._handle is not None:
-            self._handle.barrier(channel=channel)
+            self._handle.barrier()
         else:
             dist.barrier(group=self.group)
 

@@ -546,14 +546,12 @@ def check_triton_backend(world: World, mode: str) -> str | None:
             # The prologue reads the experts' saved tensors: under checkpointing, that is where
             # the recompute (and its collectives) runs, on every rank alike.
             check_activation_checkpointing(world, mode, backend="triton")
-            if mode == "alltoall":  # the peer transport: its kernels, and its early push
-                gathered_before = len(gathered_early)
+            if mode == "alltoall":  # the peer transport: its kernels, its early copies, its prologue
                 for counts in TOKEN_COUNTS[world.size]:
                     compare_with_reference(
                         world, CFG_UNEVEN, mode, counts, backend="triton", transport="peers", forced=True
                     )
                 check_activation_checkpointing(world, mode, backend="triton", transport="peers")
-                del gathered_early[gathered_before:]  # no prologue on the peer transport
     finally:
         RowsInFlight.send_grads_now = send_grads_now  # type: ignore[method-assign]
         _Call.push_early = push_early  # type: ignore[method-assign]

@@ -1,5 +1,6 @@
 """The expert-parallel peer transport's stages as plain torch ops on the peers' mapped rows: the
-reference for ``Backend.pull_rows`` and ``push_rows`` (``moe_replay.backends.base``).
+reference for ``Backend.pull_rows``, and ``push_rows``' one implementation
+(``moe_replay.backends.base``).
 
 Shape legend: W ranks, T this rank's tokens, M rows it receives, X a row's width."""
 
@@ -24,9 +25,10 @@ def pull_rows(src: PeerArea, exchange: PeerExchange, token_M: torch.Tensor | Non
     return torch.cat(parts)
 
 
+@torch.no_grad()
 def push_rows(x_MX: torch.Tensor, dst: PeerArea, exchange: PeerExchange) -> None:
-    me = exchange.rank
-    for s in range(exchange.world_size):
+    me, W = exchange.rank, exchange.world_size
+    for s in ((me + j) % W for j in range(W)):  # each receiver's own first: the others in turn
         n, first = exchange.rows[s][me], exchange.recv_start(me, s)
         place = exchange.send_start(s, me)
-        dst.views[s][place : place + n] = x_MX[first : first + n]
+        dst.views[s][place : place + n].copy_(x_MX[first : first + n])

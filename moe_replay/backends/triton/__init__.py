@@ -126,10 +126,6 @@ class TritonBackend(Backend):
         return peers.pull_rows(src, exchange, token_M)
 
     @torch.compiler.disable
-    def push_rows(self, x_MX: torch.Tensor, dst: PeerArea, exchange: PeerExchange, sms: int) -> None:
-        peers.push_rows(x_MX, dst, exchange, sms)
-
-    @torch.compiler.disable
     def quant_expert_mlp(
         self, x_MH: torch.Tensor, buckets: ExpertBuckets, gate_up: QuantizedWeight, down: QuantizedWeight
     ) -> torch.Tensor:

@@ -13,10 +13,9 @@ list, and rows are taken origin by origin starting from each receiver's own (``r
 * ``pull_rows``: ``out[m] = src_s[token[m]]``, or ``src_s[p]`` without tokens (how a receiver
   reads its rows' tokens from the origins' send lists, once per call: the row pulls then wait on
   one remote load, not two).
-* ``push_rows``: ``dst_s[p] = x[m]``; persistent (at most ``sms`` programs, each with large tiles
-  so that enough stores are in flight), as it runs next to the expert weights' GEMMs.
 
-The combine's variant that writes each row to its origin is ``combine.gather_sum`` with
+``push_rows`` (the backward's, next to the GEMMs) has no kernel: each origin's rows are one block,
+which ``Backend.push_rows`` copies with a copy engine, holding no SMs. The combine's variant that writes each row to its origin is ``combine.gather_sum`` with
 ``PeerRows``.
 """
 
@@ -90,34 +89,10 @@ def _pull_rows_kernel(
     tl.store(out_ptr + rows64[:, None] * X + cols[None, :], v, mask=ok)
 
 
-@triton.jit
-def _push_rows_kernel(
-    x_ptr, dst_bases_ptr, counts_ptr, rank, M, X,
-    W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_X: tl.constexpr,
-):  # fmt: skip
-    tiles_x = tl.cdiv(X, BLOCK_X)
-    tiles = tl.cdiv(M, BLOCK_M) * tiles_x
-    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
-        turn = (tile // tiles_x) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = turn < M
-        rows, s, place = row_in_turn(counts_ptr, turn, rank, W)
-        s = tl.where(row_ok, s, rank)
-        cols = (tile % tiles_x) * BLOCK_X + tl.arange(0, BLOCK_X)
-        ok = row_ok[:, None] & (cols < X)[None, :]
-        v = tl.load(x_ptr + rows.to(tl.int64)[:, None] * X + cols[None, :], mask=ok)
-        dst = peer_rows(dst_bases_ptr, s, x_ptr)
-        tl.store(dst[:, None] + place.to(tl.int64)[:, None] * X + cols[None, :], v, mask=ok)
-
-
 PULL = {"BLOCK_M": 4, "BLOCK_X": 2048, "num_warps": 8}
 """``pull_rows``' tiles: rows and columns per program. On 4 H100s (NVLink) the widest rows pull
 fastest: 0.66 ms for 14.9k rows of 2048 bf16 from each rank (278 GB/s to the others, NCCL's
 all-to-all 246) against 0.96 ms at 4 x 1024 with 4 warps (``benchmarks/probe_peer_rows.py``)."""
-
-PUSH = {"TILE": 32768, "num_warps": 4}
-"""``push_rows``' elements per program and step (64 KB of bf16): with few programs, a program's
-stores in flight are what hides the remote latency; 32 programs (next to a GEMM) push at 219
-GB/s with these tiles, 122-207 with smaller ones or more warps (the same probe)."""
 
 
 def pull_rows(src: PeerArea, exchange: PeerExchange, token_M: torch.Tensor | None) -> torch.Tensor:
@@ -134,19 +109,3 @@ def pull_rows(src: PeerArea, exchange: PeerExchange, token_M: torch.Tensor | Non
             num_warps=PULL["num_warps"],
         )  # fmt: skip
     return out
-
-
-def push_rows(x_MX: torch.Tensor, dst: PeerArea, exchange: PeerExchange, sms: int) -> None:
-    M = x_MX.shape[0]
-    X = x_MX[0].numel() if M else 0
-    if not (M and X):
-        return
-    if x_MX.dtype != dst.views[exchange.rank].dtype:
-        raise ValueError(f"push_rows of {x_MX.dtype} rows into a {dst.views[exchange.rank].dtype} area")
-    block_x = min(triton.next_power_of_2(X), PUSH["TILE"])
-    block_m = min(max(PUSH["TILE"] // block_x, 1), triton.next_power_of_2(M))
-    tiles = triton.cdiv(M, block_m) * triton.cdiv(X, block_x)
-    _push_rows_kernel[(min(tiles, sms) if sms > 0 else tiles,)](
-        x_MX.contiguous(), dst.bases_W, exchange.counts_WW3, exchange.rank, M, X,
-        W=exchange.world_size, BLOCK_M=block_m, BLOCK_X=block_x, num_warps=PUSH["num_warps"],
-    )  # fmt: skip

@@ -127,7 +127,9 @@ def main() -> int:
         host_ms.append((time.perf_counter() - start) * 1e3)
         torch.cuda.synchronize()
     results["host_ms_per_copy_call_behind_busy_stream"] = host_ms
-    say(f"host ms of a peer copy's call, the stream busy for ~50 ms: {', '.join(f'{t:.3f}' for t in host_ms)}")
+    say(
+        f"host ms of a peer copy's call, the stream busy for ~50 ms: {', '.join(f'{t:.3f}' for t in host_ms)}"
+    )
 
     send = stage.views[me].clone()
     transfers = {

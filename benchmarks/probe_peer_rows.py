@@ -4,10 +4,10 @@
 
 On the dispatcher's sizes at T = 16384 per rank (``--rows`` bf16 rows of ``--hidden`` from each
 rank to each rank, itself included, as the peer transport moves them), times with CUDA events:
-NCCL's ``all_to_all_single`` of the same rows, ``pull_rows`` (by token) and ``push_rows`` (full
-grid, and ``--sms`` programs as next to a GEMM) for each tile setting of the sweep, after checking
-that each delivers the same rows. Prints the slowest rank's time and the GB/s each rank sends
-the others at that time; GPU only.
+NCCL's ``all_to_all_single`` of the same rows and ``pull_rows`` (by token) for each tile setting
+of the sweep, after checking that each delivers the same rows. Prints the slowest rank's time and
+the GB/s each rank sends the others at that time; GPU only. (The way back, ``push_rows``, is
+copies: ``benchmarks/probe_copy_engine.py``.)
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=14900, help="rows each rank sends each rank")
     parser.add_argument("--tokens", type=int, default=16384, help="tokens per rank (rows are read by token)")
     parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--sms", type=int, default=32)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -62,9 +61,8 @@ def main() -> int:
     counts = torch.zeros(W, W, 3, dtype=torch.int32, device=device)
     counts[:, :, 0] = n
     exchange = PeerExchange(rank=rank, rows=rows, counts_WW3=counts)
-    memory = peer_memory(group, device, 2 * W * n * H * 2 + 2 * W * n * 4 + 4096)
+    memory = peer_memory(group, device, T * H * 2 + 4096)
     x_area = memory.area(0, (T, H), torch.bfloat16)
-    out_area = memory.area(-(-T * H * 2 // 256) * 256, (W * n, H), torch.bfloat16)
     gen = torch.Generator(device=device).manual_seed(rank)
     x_area.views[rank].copy_(torch.randn(T, H, generator=gen, device=device).to(torch.bfloat16))
     token_M = torch.randint(0, T, (W * n,), generator=torch.Generator(device=device).manual_seed(7), device=device,
@@ -82,7 +80,7 @@ def main() -> int:
     say(f"nccl all_to_all_single: {ms:.3f} ms, {remote_gb / ms * 1e3:.0f} GB/s to the other ranks")
 
     expected = torch.cat([x_area.views[s][token_M[s * n : (s + 1) * n].long()] for s in range(W)])
-    results["pull"], results["push"] = [], []
+    results["pull"] = []
     for block_m, block_x, warps in itertools.product((4, 16), (1024, 2048), (4, 8)):
         kernels.PULL.update(BLOCK_M=block_m, BLOCK_X=block_x, num_warps=warps)
         out = kernels.pull_rows(x_area, exchange, token_M)
@@ -92,19 +90,6 @@ def main() -> int:
                                 "gb_per_s": remote_gb / ms * 1e3})  # fmt: skip
         say(
             f"pull  {block_m:>3} x {block_x:>4}, {warps} warps: {ms:.3f} ms, {remote_gb / ms * 1e3:.0f} GB/s, {ok=}"
-        )
-    kernels.PULL.update(BLOCK_M=4, BLOCK_X=1024, num_warps=4)
-    mine = torch.randn(W * n, H, generator=gen, device=device).to(torch.bfloat16)
-    for tile, warps, sms in itertools.product((4096, 16384, 32768), (4, 8), (0, args.sms)):
-        kernels.PUSH.update(TILE=tile, num_warps=warps)
-        ms = device_ms(lambda sms=sms: kernels.push_rows(mine, out_area, exchange, sms), args.iters)
-        memory.barrier()
-        got = out_area.views[rank][rank * n : (rank + 1) * n]  # what this rank pushed itself
-        ok = torch.equal(got, mine[rank * n : (rank + 1) * n])
-        results["push"].append({"tile": tile, "warps": warps, "sms": sms, "ms": ms, "ok": ok,
-                                "gb_per_s": remote_gb / ms * 1e3})  # fmt: skip
-        say(
-            f"push  tile {tile:>5}, {warps:>2} warps, sms {sms:>3}: {ms:.3f} ms, {remote_gb / ms * 1e3:.0f} GB/s, {ok=}"
         )
     if rank == 0 and args.json:
         with open(args.json, "w") as f:

@@ -174,6 +174,16 @@ class PeerExchange:
     def num_received(self) -> int:
         return self.recv_start(self.rank, self.world_size)
 
+    def blocks(self) -> list[tuple[int, slice, slice]]:
+        """Per origin s, this receiver's rows from s and their places in s's send list: one block
+        on each side. Its own origin first, then the next ranks round the ring (at each step
+        every receiver reads a different origin)."""
+        me, W, out = self.rank, self.world_size, []
+        for s in ((me + j) % W for j in range(W)):
+            n, recv, send = self.rows[s][me], self.recv_start(me, s), self.send_start(s, me)
+            out.append((s, slice(recv, recv + n), slice(send, send + n)))
+        return out
+
 
 @dataclass(frozen=True)
 class PeerRows:

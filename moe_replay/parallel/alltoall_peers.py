@@ -123,10 +123,6 @@ class _Call:
     out_dtype: torch.dtype
     staged: bool = False
     """Whether x, meta and the send list were staged before the count sync (``stage_early``)."""
-    token_M: torch.Tensor | None = None
-    """Each received row's token on its origin (pulled once in the forward)."""
-    experts_node: object | None = None
-    """The experts' autograd node: the backward queues its prologue while dy is copied in."""
     early: tuple | None = None
     """``(dx_MH, dmeta_MM, done event or None)`` once ``push_early`` sent them."""
 
@@ -142,16 +138,6 @@ class _Call:
     def copies(self) -> torch.cuda.Stream | None:
         """The stream the backward's copies run on (None on the CPU: they run at once)."""
         return _copy_stream(self.device) if self.device.type == "cuda" else None
-
-    def blocks(self) -> list[tuple[int, slice, slice]]:
-        """Per origin s, this receiver's rows from s and their places in s's send list (a
-        receiver's rows are each origin's, in rank order: one block each); its own first."""
-        ex, W = self.exchange, self.exchange.world_size
-        out = []
-        for s in ((self.me + j) % W for j in range(W)):
-            n, recv, send = ex.rows[s][self.me], ex.recv_start(self.me, s), ex.send_start(s, self.me)
-            out.append((s, slice(recv, recv + n), slice(send, send + n)))
-        return out
 
     def sum_per_token(self, area: PeerArea, out_dtype: torch.dtype) -> torch.Tensor:
         """``out[t] = sum of area's rows at t's places`` (this rank's rows of ``area`` in its send
@@ -225,7 +211,7 @@ class _PullRows(torch.autograd.Function):
             _stage(areas, call.me, x_TH, meta_TM, call.plan, call.exchange.num_sent)
         call.memory.barrier()
         pull, exchange = call.backend.pull_rows, call.exchange
-        call.token_M = token_M = pull(areas.stage_tokens, exchange)  # each row's token on its origin
+        token_M = pull(areas.stage_tokens, exchange)  # each row's token on its origin
         return pull(areas.stage_rows, exchange, token_M), pull(areas.stage_meta, exchange, token_M)
 
     @staticmethod
@@ -250,8 +236,8 @@ class _SumPartials(torch.autograd.Function):
     gradient's shape). Backward: ``dy_TH`` staged and pulled by the receivers."""
 
     @staticmethod
-    def forward(ctx, call: _Call, placeholder_MH):  # type: ignore[override]
-        ctx.call = call
+    def forward(ctx, call: _Call, placeholder_MH, experts_node):  # type: ignore[override]
+        ctx.call, ctx.experts_node = call, experts_node  # (the backward queues its prologue)
         ctx.rows = placeholder_MH.shape
         call.memory.barrier()  # every receiver's partials are written
         return call.sum_per_token(call.areas.back_rows, call.out_dtype)
@@ -269,14 +255,14 @@ class _SumPartials(torch.autograd.Function):
         if copies is not None:
             copies.wait_stream(torch.cuda.current_stream(call.device))
         with torch.no_grad(), torch.cuda.stream(copies):  # (None: the CPU, no stream)
-            for s, recv, send in call.blocks():
-                dy_MH[recv].copy_(rows.views[s][send])
-        node, call.experts_node = call.experts_node, None
+            for s, received, places in call.exchange.blocks():
+                dy_MH[received].copy_(rows.views[s][places])
+        node, ctx.experts_node = ctx.experts_node, None
         if node is not None:
             call.backend.prepare_backward(node)
         if copies is not None:
             torch.cuda.current_stream(call.device).wait_stream(copies)
-        return None, dy_MH
+        return None, dy_MH, None
 
 
 class PeerTransport:
@@ -345,5 +331,4 @@ class PeerTransport:
         early: InputGradsHook | None = call.push_early if push_early else None
         to_origins = PeerRows(areas.back_rows, exchange)  # the combine writes each row home
         placeholder = experts.forward_combined(x_MH, buckets, meta_MM, backend, x_TH.dtype, early, to_origins)
-        call.experts_node = placeholder.grad_fn
-        return _SumPartials.apply(call, placeholder)
+        return _SumPartials.apply(call, placeholder, placeholder.grad_fn)

@@ -27,8 +27,5 @@ def pull_rows(src: PeerArea, exchange: PeerExchange, token_M: torch.Tensor | Non
 
 @torch.no_grad()
 def push_rows(x_MX: torch.Tensor, dst: PeerArea, exchange: PeerExchange) -> None:
-    me, W = exchange.rank, exchange.world_size
-    for s in ((me + j) % W for j in range(W)):  # each receiver's own first: the others in turn
-        n, first = exchange.rows[s][me], exchange.recv_start(me, s)
-        place = exchange.send_start(s, me)
-        dst.views[s][place : place + n].copy_(x_MX[first : first + n])
+    for s, received, places in exchange.blocks():
+        dst.views[s][places].copy_(x_MX[received])

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import socket
@@ -63,6 +62,7 @@ from torch import nn
 
 import moe_replay as mr
 from moe_replay.backends.registry import get_backend
+from moe_replay.bench import write_json
 
 QWEN3 = {"num_experts": 128, "top_k": 8, "hidden_size": 2048, "intermediate_size": 768}
 SMALL = {"num_experts": 10, "top_k": 3, "hidden_size": 64, "intermediate_size": 32}
@@ -197,9 +197,7 @@ class Report:
     def write(self) -> None:
         if self.path is None:
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        tmp.replace(self.path)
+        write_json(self.path, self.data)
 
 
 def _nccl_version() -> str:

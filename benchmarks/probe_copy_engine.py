@@ -21,7 +21,6 @@ Each transfer's rows are checked against the expected ones. GPU only.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -32,6 +31,7 @@ import torch.distributed as dist
 
 from moe_replay.backends.triton import TritonBackend
 from moe_replay.backends.triton.experts import gate_up_fwd
+from moe_replay.bench import write_json
 from moe_replay.parallel.peers import peer_memory
 
 
@@ -185,8 +185,7 @@ def main() -> int:
             f"GEMM + {name:<22} GEMM {own:.3f} ms, wall {wall:.3f} (one after the other {alone + gemm_ms:.3f})"
         )
     if me == 0 and args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
     dist.destroy_process_group()
     return 0
 

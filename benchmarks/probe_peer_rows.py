@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import statistics
 
@@ -23,6 +22,7 @@ import torch.distributed as dist
 
 from moe_replay.backends.base import PeerExchange
 from moe_replay.backends.triton import peers as kernels
+from moe_replay.bench import write_json
 from moe_replay.parallel.peers import peer_memory
 
 
@@ -92,8 +92,7 @@ def main() -> int:
             f"pull  {block_m:>3} x {block_x:>4}, {warps} warps: {ms:.3f} ms, {remote_gb / ms * 1e3:.0f} GB/s, {ok=}"
         )
     if rank == 0 and args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
     dist.destroy_process_group()
     return 0
 

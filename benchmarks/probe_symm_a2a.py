@@ -24,6 +24,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from moe_replay.bench import write_json
+
 
 def timed(fn, iters: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
     """(median device ms, median host ms) of ``fn`` over ``iters`` calls, each after a barrier."""
@@ -104,18 +106,8 @@ def main() -> int:
         for r, result in enumerate(gathered):
             print(f"rank {r}: {json.dumps(result)}", flush=True)
         if args.json:
-            with open(args.json + ".tmp", "w") as f:
-                json.dump(
-                    {
-                        "ranks": gathered,
-                        "nccl_env": {
-                            k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "NVSHMEM_"))
-                        },
-                    },
-                    f,
-                    indent=1,
-                )
-            os.replace(args.json + ".tmp", args.json)
+            env = {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "NVSHMEM_"))}
+            write_json(args.json, {"ranks": gathered, "nccl_env": env})
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -85,6 +85,15 @@ class Result:
 # Routing inputs
 
 
+def write_json(path: str | os.PathLike, data: object) -> None:
+    """``data`` as JSON at ``path``, atomically (a temporary file beside it, then a rename): a
+    benchmark stopped halfway leaves the last complete results, never a torn file."""
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
 def make_ids(T: int, E: int, K: int, routing: str, generator: torch.Generator) -> torch.Tensor:
     """``[T, K]`` distinct expert ids per row: uniform, or Zipf(s=1.2) over experts."""
     if routing == "uniform":
@@ -443,10 +452,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     def dump() -> None:
         if args.json:
-            tmp = args.json + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"env": env, "results": [asdict(r) for r in results], **extra}, f, indent=1)
-            os.replace(tmp, args.json)
+            write_json(args.json, {"env": env, "results": [asdict(r) for r in results], **extra})
 
     if args.routing_kernel:
         extra["routing_kernel"] = [bench_routing_kernel(int(T), s) for s in args.shapes for T in (4096,)]

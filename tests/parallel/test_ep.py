@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 import moe_replay as mr
 from moe_replay.backends.registry import available_backends
-from moe_replay.parallel import peers
+from moe_replay.parallel import alltoall_peers, peers
 from moe_replay.parallel.alltoall_peers import _Call
 from moe_replay.parallel.collectives import RowsInFlight, check_device
 
@@ -370,8 +370,9 @@ def check_alltoall_collectives_per_call(world: World) -> None:
 def check_alltoall_peers(world: World) -> None:
     """The peer transport (symmetric memory; here shared-memory files mapped by every rank) gives
     the single-process results too: every token count (a rank without tokens included), replay
-    with partial forcing, activation checkpointing, quantized experts, and the buffer growing when
-    a call needs more rows than the last (the second count set is larger)."""
+    with partial forcing, activation checkpointing, quantized experts, the buffer growing when
+    a call needs more rows than the last (the second count set is larger), and staging before the
+    count sync."""
     made: list[int] = []
     init = peers.PeerMemory.__init__
 
@@ -381,6 +382,7 @@ def check_alltoall_peers(world: World) -> None:
 
     peers.PeerMemory.__init__ = counted_init  # type: ignore[method-assign]
     peers.release_peer_memory(world.group)  # every rank: the first call below makes it anew
+    stage_early = alltoall_peers.PeerTransport.stage_early
     try:
         for cfg in (CFG_UNEVEN, CFG_GROUPED):
             for counts in TOKEN_COUNTS[world.size]:
@@ -388,7 +390,7 @@ def check_alltoall_peers(world: World) -> None:
                     world, cfg, "alltoall", counts, forced=True, batch_axis=0 not in counts, transport="peers"
                 )
         check_activation_checkpointing(world, "alltoall", transport="peers")
-        # QuantMoE's experts (the base stages' combine, pushed home by push_rows).
+        # QuantMoE's experts (the base stages' combine, copied home by push_rows).
         counts = TOKEN_COUNTS[world.size][1]
         x_SH = torch.randn(sum(counts), H, generator=torch.Generator().manual_seed(8))
         ref = reference(CFG_UNEVEN)
@@ -397,8 +399,26 @@ def check_alltoall_peers(world: World) -> None:
         q_ep.ep.dispatcher.transport = "peers"
         with torch.no_grad():
             assert_close(q_ep(x_SH[world.rows(counts)]), q_ref(x_SH)[world.rows(counts)], **F32)
+        # A layer's calls after its first stage their rows before the count sync, in the last
+        # call's areas; a call that needs more memory stages again in the new one.
+        staged: list[bool] = []
+
+        def counted_stage_early(self, *args):  # type: ignore[no-untyped-def]
+            stage_early(self, *args)
+            staged.append(self._staged is not None)
+
+        alltoall_peers.PeerTransport.stage_early = counted_stage_early  # type: ignore[method-assign]
+        ep = expert_parallel(world, CFG_UNEVEN, "alltoall", ref)
+        ep.ep.dispatcher.transport = "peers"
+        for T in (8, 8, 64, 64):  # the third call grows the memory
+            counts = [T] * world.size
+            x_SH = torch.randn(sum(counts), H, generator=torch.Generator().manual_seed(T))
+            with torch.no_grad():
+                assert_close(ep(x_SH[world.rows(counts)]), ref(x_SH)[world.rows(counts)], **F32)
+        assert staged[0] is False and staged[1] is True and staged[3] is True, staged
     finally:
         peers.PeerMemory.__init__ = init  # type: ignore[method-assign]
+        alltoall_peers.PeerTransport.stage_early = stage_early  # type: ignore[method-assign]
     assert len(made) >= 2 and made == sorted(made), made  # grown, never shrunk
 
 

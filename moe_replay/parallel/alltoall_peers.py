@@ -53,7 +53,8 @@ every rank agreeing from the count matrix) when a call needs more rows than it h
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -134,11 +135,6 @@ class _Call:
     def device(self) -> torch.device:
         return self.areas.back_rows.views[self.me].device
 
-    @property
-    def copies(self) -> torch.cuda.Stream | None:
-        """The stream the backward's copies run on (None on the CPU: they run at once)."""
-        return _copy_stream(self.device) if self.device.type == "cuda" else None
-
     def sum_per_token(self, area: PeerArea, out_dtype: torch.dtype) -> torch.Tensor:
         """``out[t] = sum of area's rows at t's places`` (this rank's rows of ``area`` in its send
         list's order), float32 in rank order: each token's partials, or its gradient rows."""
@@ -165,13 +161,10 @@ class _Call:
         it the GEMM.)"""
         if self.early is not None:
             raise RuntimeError("the peer transport's gradients were pushed twice in one backward")
-        copies, done = self.copies, None
-        if copies is None:
+        done = None
+        with _on_copy_stream(self.device) as copies:
             self.push(dx_MH, dmeta_MM)
-        else:
-            copies.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(copies):
-                self.push(dx_MH, dmeta_MM)
+            if copies is not None:
                 done = torch.cuda.Event()
                 done.record(copies)
         self.early = (dx_MH, dmeta_MM, done)
@@ -181,10 +174,19 @@ class _Call:
 _COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+@contextlib.contextmanager
+def _on_copy_stream(device: torch.device) -> Iterator[torch.cuda.Stream | None]:
+    """Work queued inside runs on ``device``'s copy stream, after the current stream's work so far;
+    yields that stream (None on the CPU, where copies run at once, in order)."""
+    if device.type != "cuda":
+        yield None
+        return
     if device not in _COPY_STREAMS:
         _COPY_STREAMS[device] = torch.cuda.Stream(device=device, priority=-1)
-    return _COPY_STREAMS[device]
+    copies = _COPY_STREAMS[device]
+    copies.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(copies):
+        yield copies
 
 
 @torch.no_grad()
@@ -233,7 +235,8 @@ class _PullRows(torch.autograd.Function):
 class _SumPartials(torch.autograd.Function):
     """The receivers' partials, which their combine wrote into this origin's return rows, summed
     per token: ``y_TH``. Its input is the combine's placeholder (for autograd's graph and the
-    gradient's shape). Backward: ``dy_TH`` staged and pulled by the receivers."""
+    gradient's shape). Backward: ``dy_TH`` staged in send-list order, and each receiver's rows
+    copied in as blocks."""
 
     @staticmethod
     def forward(ctx, call: _Call, placeholder_MH, experts_node):  # type: ignore[override]
@@ -251,10 +254,7 @@ class _SumPartials(torch.autograd.Function):
         torch.index_select(dy_TH, 0, call.plan.token_of_slot_CL[0, :S], out=rows.views[call.me][:S])
         call.memory.barrier()
         dy_MH = dy_TH.new_empty(ctx.rows)
-        copies = call.copies
-        if copies is not None:
-            copies.wait_stream(torch.cuda.current_stream(call.device))
-        with torch.no_grad(), torch.cuda.stream(copies):  # (None: the CPU, no stream)
+        with torch.no_grad(), _on_copy_stream(call.device) as copies:
             for s, received, places in call.exchange.blocks():
                 dy_MH[received].copy_(rows.views[s][places])
         node, ctx.experts_node = ctx.experts_node, None

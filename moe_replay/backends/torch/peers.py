@@ -12,16 +12,9 @@ from moe_replay.backends.base import PeerArea, PeerExchange
 
 
 def pull_rows(src: PeerArea, exchange: PeerExchange, token_M: torch.Tensor | None) -> torch.Tensor:
-    me = exchange.rank
     parts = []
-    for s in range(exchange.world_size):
-        n = exchange.rows[s][me]
-        if token_M is None:
-            first = exchange.send_start(s, me)
-            parts.append(src.views[s][first : first + n])
-        else:
-            first = exchange.recv_start(me, s)
-            parts.append(src.views[s][token_M[first : first + n].long()])
+    for s, received, places in sorted(exchange.blocks()):  # by origin: the receiver's row order
+        parts.append(src.views[s][places] if token_M is None else src.views[s][token_M[received].long()])
     return torch.cat(parts)
 
 

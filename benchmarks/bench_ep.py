@@ -561,10 +561,11 @@ def run_profile(T: int, args: argparse.Namespace, device: torch.device) -> None:
             time_token_all_to_all(layer.ep.dispatcher.last_send_rows, cfg, dtype, device, args)
             return
         with torch.profiler.profile(activities=activities) as prof:
-            for _ in range(2):
-                with torch.no_grad():
+            for i in range(2):
+                with torch.no_grad(), torch.profiler.record_function(f"bench.forward.{i}"):
                     model(x)
-                model(x).sum().backward()
+                with torch.profiler.record_function(f"bench.forward_backward.{i}"):
+                    model(x).sum().backward()
             sync(device)
     if args.trace_dir:
         Path(args.trace_dir).mkdir(parents=True, exist_ok=True)

@@ -152,13 +152,21 @@ class PeerExchange:
     the other columns are the dispatcher's)."""
 
     rank: int
-    rows: tuple[tuple[int, ...], ...]
-    """``rows[s][d]``: the rows rank s sends rank d (host ints)."""
+    rows: tuple[tuple[int, ...], ...] | None
+    """``rows[s][d]``: the rows rank s sends rank d (host ints); None before the host has read
+    them (only ``counts_WW3`` is known then: ``Backend.pull_rows`` with a capacity)."""
     counts_WW3: torch.Tensor
 
     @property
     def world_size(self) -> int:
-        return len(self.rows)
+        return self.counts_WW3.shape[0]
+
+    def with_host_rows(self) -> PeerExchange:
+        """This exchange with ``rows`` read from ``counts_WW3`` (a host sync on a GPU)."""
+        if self.rows is not None:
+            return self
+        rows = tuple(tuple(r) for r in self.counts_WW3[:, :, 0].tolist())
+        return PeerExchange(rank=self.rank, rows=rows, counts_WW3=self.counts_WW3)
 
     def send_start(self, s: int, d: int) -> int:
         return sum(self.rows[s][:d])
@@ -332,7 +340,11 @@ class Backend(ABC):
         )
 
     def pull_rows(
-        self, src: PeerArea, exchange: PeerExchange, token_M: torch.Tensor | None = None
+        self,
+        src: PeerArea,
+        exchange: PeerExchange,
+        token_M: torch.Tensor | None = None,
+        capacity: int | None = None,
     ) -> torch.Tensor:
         """The expert-parallel peer transport's dispatch, run by each receiver: its
         ``M = exchange.num_received`` rows, row ``m = recv_start(rank, s) + i`` read from origin s:
@@ -340,10 +352,15 @@ class Backend(ABC):
         ``token_M`` ``src[s][p]``, at s's place ``p = send_start(s, rank) + i`` (how a receiver
         reads its rows' tokens from their origins' send lists). Not differentiable (the
         dispatcher's autograd node is). The plain torch ops here, on the peers' mapped views,
-        are the reference."""
+        are the reference.
+
+        With ``capacity``, before the host knows the counts (``exchange.rows`` may be None):
+        ``capacity`` rows, the first M of them pulled where ``M <= capacity`` and every place
+        read lies within ``src``'s rows; all other rows are undefined, and no read leaves
+        ``src``'s rows. The caller checks those conditions once it has the counts."""
         from moe_replay.backends.torch.peers import pull_rows
 
-        return pull_rows(src, exchange, token_M)
+        return pull_rows(src, exchange, token_M, capacity)
 
     def push_rows(self, x_MX: torch.Tensor, dst: PeerArea, exchange: PeerExchange) -> None:
         """The peer transport's way home for a receiver's rows: its received row

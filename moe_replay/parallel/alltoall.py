@@ -171,18 +171,26 @@ class Counts:
     """``[chunk]``: (row, k) pairs of the received rows whose expert is on this rank."""
     any_needs_grad: bool
     """Whether any rank's input (x or gate weights) needs a gradient."""
+    staged_everywhere: bool
+    """Whether every rank staged its rows before the count sync (the peer transport's
+    ``PeerTransport.can_stage``)."""
+
+    NEEDS_GRAD, STAGED = 1, 2
+    """The bits of a rank's flags (the count exchange's third column)."""
 
     @staticmethod
     def read(matrix: list, rank: int) -> Counts:
-        """The counts from the all-gathered matrix ``[s][d][chunk]`` of (rows, pairs, grad flag)."""
+        """The counts from the all-gathered matrix ``[s][d][chunk]`` of (rows, pairs, flags)."""
         sent, received = matrix[rank], [row[rank] for row in matrix]
         chunks = range(len(sent[0]))
+        flags = [chunk[2] for row in matrix for to_d in row for chunk in to_d]
         return Counts(
             rows=tuple(tuple(sum(chunk[0] for chunk in to_d) for to_d in row) for row in matrix),
             send_rows=[[to_d[c][0] for to_d in sent] for c in chunks],
             recv_rows=[[from_s[c][0] for from_s in received] for c in chunks],
             recv_pairs=[sum(from_s[c][1] for from_s in received) for c in chunks],
-            any_needs_grad=any(chunk[2] for row in matrix for to_d in row for chunk in to_d),
+            any_needs_grad=any(f & Counts.NEEDS_GRAD for f in flags),
+            staged_everywhere=all(f & Counts.STAGED for f in flags),
         )
 
 
@@ -332,15 +340,19 @@ class AllToAllDispatcher:
         # The phases are named in profiles (torch.profiler) by these ranges.
         with record_function("moe_replay.alltoall.counts"):  # origin: where each token goes
             needs_grad = input_needs_grad(x_TH) or input_needs_grad(weights_TK)
-            exchange = self._count_exchange()
-            rank_offsets_W1 = self._constant("rank_offsets_W1", device)
-            plan = backend.send_plan(ids_TK, rank_offsets_W1, C, exchange.mine(int(needs_grad), device))
-            gathered = exchange.launch()
-            meta_TM = torch.cat([weights_TK, ids_TK], dim=1)  # [T, 2K] float32 (ids promoted)
-            if peers:  # the rows staged while the host waits, where they fit
+            flags = Counts.NEEDS_GRAD if needs_grad else 0
+            if peers:
                 if self._peers is None:
                     self._peers = PeerTransport(self.group, part)
-                self._peers.stage_early(x_TH, meta_TM, plan, x_TH.shape[0] * reach)
+                stage = self._peers.can_stage(x_TH, 2 * K)
+                flags |= Counts.STAGED if stage else 0
+            exchange = self._count_exchange()
+            rank_offsets_W1 = self._constant("rank_offsets_W1", device)
+            plan = backend.send_plan(ids_TK, rank_offsets_W1, C, exchange.mine(flags, device))
+            gathered = exchange.launch()
+            meta_TM = torch.cat([weights_TK, ids_TK], dim=1)  # [T, 2K] float32 (ids promoted)
+            if peers:  # staged, exchanged and pulled while the host waits, where the last call's areas serve
+                self._peers.start(x_TH, meta_TM, plan, x_TH.shape[0] * reach, gathered, backend, stage)
             sends = [] if peers else self._capacity_sends(x_TH, meta_TM, plan, backend, reach)
             counts = self._read_counts(exchange)
 

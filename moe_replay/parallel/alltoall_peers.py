@@ -9,10 +9,10 @@ Data movement, on each rank (every arrow a barrier of the group)::
 
     origin    send_plan; all-gather of the counts (every rank learns the W x W matrix); stage
               x_TH, meta_TM = [gate weights | ids] and the send list's tokens in this rank's
-              symmetric rows; host sync                                                ─► barrier
+              symmetric rows                                                           ─► barrier
     receiver  pull_rows: token_M, each row's token from its origin's send list; then x_MH and
               meta_MM, read from the origins' staged rows over NVLink (the permutation and the
-              transfer in one kernel each)
+              transfer in one kernel each); host sync (the counts)
               experts + combine, the combine writing each row's partial sum into its origin's
               return rows, at the row's place in the origin's send list                ─► barrier
     origin    y_TH[t] = sum of t's <= W partials, float32, rank order (a local gather)
@@ -31,15 +31,23 @@ Backward::
 
 Compared with NCCL's all-to-all: no permutation into send buffers in the forward (the receiver
 reads the origin's rows where they are), no separate pass for the return (the combine writes
-remote rows), no buffers at a capacity, and the forward's loads and stores run on every SM, not
+remote rows), and the forward's loads and stores run on every SM, not
 NCCL's 32. The backward moves contiguous blocks (a receiver's rows from one origin are one
 block of the origin's send list), which copy engines carry over NVLink as fast as NCCL's
 all-to-all (benchmarks/probe_copy_engine.py), holding no SMs: the GEMMs next to them run on all
 of them, losing only some memory bandwidth. The receiver's rows (x_MH, which the experts'
 backward keeps) are its own tensors: only staged and returned rows live in symmetric memory.
 
-Staging comes first in a call, queued before the host waits for the counts where the last
-call's areas have room (``PeerTransport.stage_early``), so that the device has work meanwhile.
+From a layer's second call on, staging, the barrier and the pulls are queued before the host
+waits for the counts (``PeerTransport.start``): the pull kernels count their rows on the device
+and run over a grid and into tensors of a capacity (the last call's most rows received by a
+rank, and an eighth more), reading nothing outside the areas. So the device stages and pulls
+while the host waits for the counts and then works out the call (on 4 H100s the device had
+idled 0.4-0.6 ms there, profiled, at T = 16384). Once the host has the counts, every rank
+checks the same things: every rank had room to stage (its flag in the count exchange), the areas
+hold the call's rows, and the capacity its received rows. If not, all of them pass one more
+barrier (every early pull is done) and stage and pull again as on a layer's first call. The
+capacity's rows past M live as long as x_MH, which the experts' backward keeps.
 
 Why the barriers are enough. A rank's staged rows are written by it and read by the others
 between two barriers; its return rows are written by the others and read by it after a barrier.
@@ -122,8 +130,8 @@ class _Call:
     place for each rank (-1: none)."""
     backend: Backend
     out_dtype: torch.dtype
-    staged: bool = False
-    """Whether x, meta and the send list were staged before the count sync (``stage_early``)."""
+    pulled: tuple[torch.Tensor, torch.Tensor] | None = None
+    """``(x_MH, meta_MM)`` where the rows were pulled before the count sync (``PeerTransport.start``)."""
     early: tuple | None = None
     """``(dx_MH, dmeta_MM, done event or None)`` once ``push_early`` sent them."""
 
@@ -189,6 +197,26 @@ def _on_copy_stream(device: torch.device) -> Iterator[torch.cuda.Stream | None]:
         yield copies
 
 
+def _pull(
+    backend: Backend, areas: _Areas, exchange: PeerExchange, capacity: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_MH, meta_MM)``: this receiver's rows from the origins' staged ones (after a barrier)."""
+    token_M = backend.pull_rows(areas.stage_tokens, exchange, None, capacity)  # rows' tokens on their origins
+    x_MH = backend.pull_rows(areas.stage_rows, exchange, token_M, capacity)
+    return x_MH, backend.pull_rows(areas.stage_meta, exchange, token_M, capacity)
+
+
+@dataclass(frozen=True)
+class _Early:
+    """Rows pulled before the count sync (``PeerTransport.start``): valid if the counts say so."""
+
+    memory: PeerMemory
+    areas: _Areas
+    x_MH: torch.Tensor
+    """``[capacity, H]``, the first M rows pulled."""
+    meta_MM: torch.Tensor
+
+
 @torch.no_grad()
 def _stage(
     areas: _Areas, rank: int, x_TH: torch.Tensor, meta_TM: torch.Tensor, plan: SendPlan, places: int
@@ -208,13 +236,11 @@ class _PullRows(torch.autograd.Function):
     def forward(ctx, call: _Call, x_TH, meta_TM):  # type: ignore[override]
         ctx.call = call
         ctx.set_materialize_grads(False)
-        areas = call.areas
-        if not call.staged:
-            _stage(areas, call.me, x_TH, meta_TM, call.plan, call.exchange.num_sent)
+        if call.pulled is not None:
+            return call.pulled
+        _stage(call.areas, call.me, x_TH, meta_TM, call.plan, call.exchange.num_sent)
         call.memory.barrier()
-        pull, exchange = call.backend.pull_rows, call.exchange
-        token_M = pull(areas.stage_tokens, exchange)  # each row's token on its origin
-        return pull(areas.stage_rows, exchange, token_M), pull(areas.stage_meta, exchange, token_M)
+        return _pull(call.backend, call.areas, call.exchange)
 
     @staticmethod
     def backward(ctx, dx_MH, dmeta_MM):  # type: ignore[override]
@@ -274,22 +300,51 @@ class PeerTransport:
         self.partition = partition
         self.rank = dist.get_rank(group)
         self._areas: tuple[PeerMemory, int, int, torch.dtype, _Areas] | None = None
-        self._staged: _Areas | None = None
+        self._capacity = 0
+        self._early: _Early | None = None
+        self.pulled_early = False
+        """Whether the last call used the rows pulled before its count sync (diagnostics)."""
 
-    def stage_early(self, x_TH: torch.Tensor, meta_TM: torch.Tensor, plan: SendPlan, capacity: int) -> None:
-        """Before the count sync: stage x, meta and the send list (its first ``capacity`` places, an
-        upper bound of its length: places past it are never read) in the areas of the last call,
-        where they fit. Then the device stages while the host waits for the counts. The list
-        fits unless the memory grows, and a call whose memory grows stages again. This runs
-        after the last exchange's final barrier on this stream: no rank reads these rows now."""
-        self._staged = None
+    def can_stage(self, x_TH: torch.Tensor, M2: int) -> bool:
+        """Whether :meth:`start` can stage ``x_TH`` (and meta rows of ``M2`` floats) in the last
+        call's areas: this rank's flag in the count exchange."""
+        if self._areas is None:
+            return False
+        _, H, areas_M2, dtype, areas = self._areas
+        fits = x_TH.shape[0] <= areas.stage_rows.views[self.rank].shape[0]
+        return fits and (H, areas_M2, dtype) == (x_TH.shape[1], M2, x_TH.dtype)
+
+    def start(
+        self,
+        x_TH: torch.Tensor,
+        meta_TM: torch.Tensor,
+        plan: SendPlan,
+        places: int,
+        counts_WW13: torch.Tensor,
+        backend: Backend,
+        stage: bool,
+    ) -> None:
+        """Before the count sync, from a layer's second call on: stage x, meta and the send list
+        (its first ``places``, an upper bound of its length, where ``stage``: :meth:`can_stage`),
+        then the barrier, then pull this receiver's rows at a capacity (the last call's most
+        rows received by a rank, and an eighth more), their counts read on the device. So the
+        device stages, exchanges and pulls while the host waits for the counts and then works
+        out the call; the call uses these rows where every rank staged and the counts fit
+        (``__call__``). Every rank of the group runs the barrier here or none does (``_areas``
+        is set by every call on every rank). Staging runs after the last exchange's final
+        barrier on this stream: no rank reads these rows now."""
+        self._early = None
         if self._areas is None:
             return
-        _, H, M2, dtype, areas = self._areas
-        rows = areas.stage_rows.views[self.rank].shape[0]
-        if (H, M2, dtype) == (x_TH.shape[1], meta_TM.shape[1], x_TH.dtype) and x_TH.shape[0] <= rows:
-            _stage(areas, self.rank, x_TH, meta_TM, plan, min(capacity, rows))
-            self._staged = areas
+        memory, areas = self._areas[0], self._areas[4]
+        if stage:
+            room = areas.stage_tokens.views[self.rank].shape[0]
+            _stage(areas, self.rank, x_TH, meta_TM, plan, min(places, room))
+        memory.barrier()
+        W = self.partition.world_size
+        exchange = PeerExchange(rank=self.rank, rows=None, counts_WW3=counts_WW13.view(W, W, 3))
+        x_MH, meta_MM = _pull(backend, areas, exchange, self._capacity)
+        self._early = _Early(memory, areas, x_MH, meta_MM)
 
     def __call__(
         self,
@@ -313,22 +368,33 @@ class PeerTransport:
         exchange = PeerExchange(rank=me, rows=rows, counts_WW3=counts_WW13.view(W, W, 3))
 
         # The rows an area needs, the most over ranks: every rank asks for the same memory.
-        most = max(1, *(sum(r) for r in rows), *(sum(r[d] for r in rows) for d in range(W)))
+        most_received = max(sum(r[d] for r in rows) for d in range(W))
+        most = max(1, most_received, *(sum(r) for r in rows))
         memory = peer_memory(self.group, device, row_layout(most, _Areas.row_bytes(H, M2, x_TH.dtype))[1])
+        early, self._early = self._early, None
+        if early is not None:  # the same on every rank: they read the same counts
+            area_rows = early.areas.stage_tokens.views[me].shape[0]
+            fits = counts.staged_everywhere and most <= area_rows and most_received <= self._capacity
+            if not fits or memory is not early.memory:
+                early.memory.barrier()  # every rank's early pulls are done: the rows may change
+                early = None
+        self._capacity = -(-most_received * 9 // 8 // 256) * 256  # the next call's pulls
         if self._areas is None or self._areas[:4] != (memory, H, M2, x_TH.dtype):
             self._areas = (memory, H, M2, x_TH.dtype, _Areas.carve(memory, H, M2, x_TH.dtype))
         areas = self._areas[4]
         _, to_ranks = plan.chunk(0, exchange.num_sent)
-        call = _Call(
-            memory, areas, exchange, plan, to_ranks, backend, x_TH.dtype, staged=self._staged is areas
-        )
-        self._staged = None
+        M = exchange.num_received
+        pulled = None if early is None else (early.x_MH[:M], early.meta_MM[:M])
+        call = _Call(memory, areas, exchange, plan, to_ranks, backend, x_TH.dtype, pulled=pulled)
+        self.pulled_early = pulled is not None
 
         x_TH = align_requires_grad(x_TH, counts.any_needs_grad)  # a rank without gradients joins the backward
         x_MH, meta_MM = _PullRows.apply(call, x_TH, meta_TM)
         local_of_expert_E = constant("local_of_expert_E", device)
         buckets = backend.received_buckets(meta_MM, local_of_expert_E, part.num_local, counts.recv_pairs[0])
-        early: InputGradsHook | None = call.push_early if push_early else None
+        early_grads: InputGradsHook | None = call.push_early if push_early else None
         to_origins = PeerRows(areas.back_rows, exchange)  # the combine writes each row home
-        placeholder = experts.forward_combined(x_MH, buckets, meta_MM, backend, x_TH.dtype, early, to_origins)
+        placeholder = experts.forward_combined(
+            x_MH, buckets, meta_MM, backend, x_TH.dtype, early_grads, to_origins
+        )
         return _SumPartials.apply(call, placeholder, placeholder.grad_fn)

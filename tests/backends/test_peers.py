@@ -74,7 +74,10 @@ def test_pull_rows_reads_each_origins_tokens(
     X, spare = 24, 3  # every rank's area holds more rows than it uses
     lists, _, rows = send_lists(random_routes(W, tokens, gen))
     xs = [torch.randn(max(tokens) + spare, X, generator=gen).to(DEVICE, dtype) for _ in range(W)]
-    toks = [torch.cat([lst, torch.full((spare,), -7, dtype=torch.int32)]).to(DEVICE) for lst in lists]
+    # Every rank's area has the same rows, as in symmetric memory.
+    room = max(len(lst) for lst in lists) + spare
+    pad = [torch.full((room - len(lst),), -7, dtype=torch.int32) for lst in lists]
+    toks = [torch.cat([lst, p]).to(DEVICE) for lst, p in zip(lists, pad)]
     src, tok = local_area(xs), local_area(toks)
     for me in range(W):
         exchange = exchange_of(me, rows)
@@ -87,6 +90,36 @@ def test_pull_rows_reads_each_origins_tokens(
         assert out.shape == (exchange.num_received, X) and out.dtype == dtype
         if places:
             assert torch.equal(out, torch.stack([xs[s][lists[s][i].item()] for s, i in places]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("W", "tokens"), CASES)
+def test_pull_rows_at_a_capacity_counts_on_the_device(backend: str, W: int, tokens: list[int]) -> None:
+    """With a capacity and no host counts (before the count sync), the first M rows are those of
+    the exact pull; a capacity below M, or areas too small for the places, give undefined rows
+    but read nothing outside the areas (the tensors here end where the areas do)."""
+    gen = torch.Generator().manual_seed(10 + W)
+    X = 16
+    lists, _, rows = send_lists(random_routes(W, tokens, gen))
+    xs = [torch.randn(max(tokens), X, generator=gen).to(DEVICE) for _ in range(W)]
+    room = max(len(lst) for lst in lists)  # every rank's area has the same rows
+    toks = [torch.cat([lst, torch.zeros(room - len(lst), dtype=torch.int32)]).to(DEVICE) for lst in lists]
+    src, tok = local_area(xs), local_area(toks)
+    stages = get_backend(backend, DEVICE)
+    for me in range(W):
+        exact = exchange_of(me, rows)
+        M = exact.num_received
+        early = PeerExchange(rank=me, rows=None, counts_WW3=exact.counts_WW3)
+        token_M = stages.pull_rows(tok, early, None, M + 5)
+        out = stages.pull_rows(src, early, token_M, M + 5)
+        assert token_M.shape == (M + 5,) and out.shape == (M + 5, X)
+        assert torch.equal(token_M[:M], stages.pull_rows(tok, exact))
+        assert torch.equal(out[:M], stages.pull_rows(src, exact, stages.pull_rows(tok, exact)))
+        # Too small a capacity, or places past the areas' rows: rows undefined, no stray reads.
+        assert stages.pull_rows(src, early, token_M, max(M - 2, 1)).shape == (max(M - 2, 1), X)
+        short = local_area([t[: max(room // 2, 1)] for t in toks])
+        assert stages.pull_rows(short, early, None, M + 1).shape == (M + 1,)
+        assert stages.pull_rows(local_area([x[:1] for x in xs]), early, token_M, M + 1).shape == (M + 1, X)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 import moe_replay as mr
 from moe_replay.backends.registry import available_backends
-from moe_replay.parallel import alltoall_peers, peers
+from moe_replay.parallel import peers
 from moe_replay.parallel.alltoall_peers import _Call
 from moe_replay.parallel.collectives import RowsInFlight, check_device
 
@@ -160,9 +160,11 @@ def compare_with_reference(
     tol: dict[str, float] = F32,
     chunks: int | None = None,
     transport: str | None = None,
-) -> None:
+    calls_before: int = 0,
+) -> nn.Module:
     """Forward and backward of the EP layer on this rank's tokens against the reference
-    (``chunks``, ``transport``: the alltoall dispatcher's, if not its defaults)."""
+    (``chunks``, ``transport``: the alltoall dispatcher's, if not its defaults), after
+    ``calls_before`` forwards of the same tokens without gradients; returns the EP layer."""
     K, S = cfg.top_k, sum(counts)
     gen = torch.Generator().manual_seed(1)
     x_SH = torch.randn(S, H, generator=gen).to(dtype)
@@ -185,6 +187,9 @@ def compare_with_reference(
     if T:  # the rank without tokens passes a fresh empty tensor that needs no grad
         x.requires_grad_()
     forced_local = None if forced_SK is None else forced_SK[rows].reshape(*lead, K)
+    for _ in range(calls_before):
+        with torch.no_grad():
+            ep(x, forced_expert_ids=forced_local)
     y, routing = ep(x, forced_expert_ids=forced_local, return_routing=True)
     (y.float() * grad_SH[rows].view(*lead, H).float()).sum().backward()
 
@@ -203,6 +208,7 @@ def compare_with_reference(
     for name in ("gate_up_proj", "down_proj"):
         local_grad = getattr(ep.experts, name).grad
         assert_close(local_grad, getattr(ref.experts, name).grad[first : first + count], **tol)
+    return ep
 
 
 @check(*MODES)
@@ -382,13 +388,21 @@ def check_alltoall_peers(world: World) -> None:
 
     peers.PeerMemory.__init__ = counted_init  # type: ignore[method-assign]
     peers.release_peer_memory(world.group)  # every rank: the first call below makes it anew
-    stage_early = alltoall_peers.PeerTransport.stage_early
     try:
-        for cfg in (CFG_UNEVEN, CFG_GROUPED):
+        for cfg, calls_before in ((CFG_UNEVEN, 1), (CFG_GROUPED, 0)):
             for counts in TOKEN_COUNTS[world.size]:
-                compare_with_reference(
-                    world, cfg, "alltoall", counts, forced=True, batch_axis=0 not in counts, transport="peers"
+                ep = compare_with_reference(
+                    world,
+                    cfg,
+                    "alltoall",
+                    counts,
+                    forced=True,
+                    batch_axis=0 not in counts,
+                    transport="peers",
+                    calls_before=calls_before,
                 )
+                # A call after the first uses the rows it pulled before the count sync.
+                assert ep.ep.dispatcher._peers.pulled_early is (calls_before > 0)
         check_activation_checkpointing(world, "alltoall", transport="peers")
         # QuantMoE's experts (the base stages' combine, copied home by push_rows).
         counts = TOKEN_COUNTS[world.size][1]
@@ -399,26 +413,22 @@ def check_alltoall_peers(world: World) -> None:
         q_ep.ep.dispatcher.transport = "peers"
         with torch.no_grad():
             assert_close(q_ep(x_SH[world.rows(counts)]), q_ref(x_SH)[world.rows(counts)], **F32)
-        # A layer's calls after its first stage their rows before the count sync, in the last
-        # call's areas; a call that needs more memory stages again in the new one.
-        staged: list[bool] = []
-
-        def counted_stage_early(self, *args):  # type: ignore[no-untyped-def]
-            stage_early(self, *args)
-            staged.append(self._staged is not None)
-
-        alltoall_peers.PeerTransport.stage_early = counted_stage_early  # type: ignore[method-assign]
+        # A layer's calls after its first stage and pull their rows before the count sync, in
+        # the last call's areas and at a capacity: used where every rank staged and the counts
+        # fit, else staged and pulled again (the same results either way).
         ep = expert_parallel(world, CFG_UNEVEN, "alltoall", ref)
         ep.ep.dispatcher.transport = "peers"
-        for T in (8, 8, 64, 64):  # the third call grows the memory
-            counts = [T] * world.size
-            x_SH = torch.randn(sum(counts), H, generator=torch.Generator().manual_seed(T))
+        early: list[bool] = []
+        many = [8] * world.size
+        many[-1] = 64  # one rank's tokens outgrow its area: no rank uses its early rows
+        for counts in ([8] * world.size, [8] * world.size, many, many, [64] * world.size, [2] * world.size):
+            x_SH = torch.randn(sum(counts), H, generator=torch.Generator().manual_seed(sum(counts)))
             with torch.no_grad():
                 assert_close(ep(x_SH[world.rows(counts)]), ref(x_SH)[world.rows(counts)], **F32)
-        assert staged[0] is False and staged[1] is True and staged[3] is True, staged
+            early.append(ep.ep.dispatcher._peers.pulled_early)
+        assert early == [False, True, False, True, False, True], early
     finally:
         peers.PeerMemory.__init__ = init  # type: ignore[method-assign]
-        alltoall_peers.PeerTransport.stage_early = stage_early  # type: ignore[method-assign]
     assert len(made) >= 2 and made == sorted(made), made  # grown, never shrunk
 
 
@@ -567,10 +577,18 @@ def check_triton_backend(world: World, mode: str) -> str | None:
             # the recompute (and its collectives) runs, on every rank alike.
             check_activation_checkpointing(world, mode, backend="triton")
             if mode == "alltoall":  # the peer transport: its kernels, its early copies, its prologue
-                for counts in TOKEN_COUNTS[world.size]:
-                    compare_with_reference(
-                        world, CFG_UNEVEN, mode, counts, backend="triton", transport="peers", forced=True
+                for counts in TOKEN_COUNTS[world.size]:  # a second call: the rows pulled before the sync
+                    ep = compare_with_reference(
+                        world,
+                        CFG_UNEVEN,
+                        mode,
+                        counts,
+                        backend="triton",
+                        transport="peers",
+                        forced=True,
+                        calls_before=1,
                     )
+                    assert ep.ep.dispatcher._peers.pulled_early
                 check_activation_checkpointing(world, mode, backend="triton", transport="peers")
     finally:
         RowsInFlight.send_grads_now = send_grads_now  # type: ignore[method-assign]

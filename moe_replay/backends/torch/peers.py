@@ -11,7 +11,21 @@ import torch
 from moe_replay.backends.base import PeerArea, PeerExchange
 
 
-def pull_rows(src: PeerArea, exchange: PeerExchange, token_M: torch.Tensor | None) -> torch.Tensor:
+def pull_rows(
+    src: PeerArea, exchange: PeerExchange, token_M: torch.Tensor | None, capacity: int | None = None
+) -> torch.Tensor:
+    if capacity is not None:  # the counts from the device; rows left undefined are zeros here
+        exchange = exchange.with_host_rows()
+        own = src.views[exchange.rank]
+        out = own.new_zeros((capacity, *own.shape[1:]))
+        M, limit = exchange.num_received, own.shape[0]
+        places = [
+            token_M[received].long() if token_M is not None else torch.arange(p.start, p.stop)
+            for _, received, p in exchange.blocks()
+        ]
+        if capacity >= M and all(bool(((p >= 0) & (p < limit)).all()) for p in places):
+            out[:M] = pull_rows(src, exchange, None if token_M is None else token_M[:M])
+        return out
     parts = []
     for s, received, places in sorted(exchange.blocks()):  # by origin: the receiver's row order
         parts.append(src.views[s][places] if token_M is None else src.views[s][token_M[received].long()])

@@ -121,9 +121,13 @@ class TritonBackend(Backend):
 
     @torch.compiler.disable
     def pull_rows(
-        self, src: PeerArea, exchange: PeerExchange, token_M: torch.Tensor | None = None
+        self,
+        src: PeerArea,
+        exchange: PeerExchange,
+        token_M: torch.Tensor | None = None,
+        capacity: int | None = None,
     ) -> torch.Tensor:
-        return peers.pull_rows(src, exchange, token_M)
+        return peers.pull_rows(src, exchange, token_M, capacity)
 
     @torch.compiler.disable
     def quant_expert_mlp(

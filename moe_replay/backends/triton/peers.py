@@ -12,7 +12,8 @@ list, and rows are taken origin by origin starting from each receiver's own (``r
 
 * ``pull_rows``: ``out[m] = src_s[token[m]]``, or ``src_s[p]`` without tokens (how a receiver
   reads its rows' tokens from the origins' send lists, once per call: the row pulls then wait on
-  one remote load, not two).
+  one remote load, not two). The rows it pulls are counted on the device, so that it can run
+  before the host has the counts, over a grid of a capacity's rows.
 
 ``push_rows`` (the backward's, next to the GEMMs) has no kernel: each origin's rows are one block,
 which ``Backend.push_rows`` copies with a copy engine, holding no SMs. The combine's variant that writes each row to its origin is ``combine.gather_sum`` with
@@ -72,16 +73,20 @@ def peer_rows(bases_ptr, r, like_ptr):
 
 @triton.jit
 def _pull_rows_kernel(
-    src_bases_ptr, src_like_ptr, token_ptr, counts_ptr, out_ptr, rank, M, X,
+    src_bases_ptr, src_like_ptr, token_ptr, counts_ptr, out_ptr, rank, M, X, SRC_ROWS,
     BY_TOKEN: tl.constexpr, W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_X: tl.constexpr,
 ):  # fmt: skip
     turn = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = turn < M
+    received = tl.zeros_like(turn)  # this receiver's rows, from the device's counts
+    for r in tl.static_range(W):
+        received += _rows_sent(counts_ptr, r, rank, W)
     rows, s, place = row_in_turn(counts_ptr, turn, rank, W)
+    row_ok = (turn < received) & (rows < M)  # M: out's rows (the counts' own, or a capacity)
     rows64 = rows.to(tl.int64)
     s = tl.where(row_ok, s, rank)  # masked rows read nothing, but their pointers stay local
     if BY_TOKEN:
         place = tl.load(token_ptr + rows64, mask=row_ok, other=0)
+    row_ok &= (place >= 0) & (place < SRC_ROWS)  # a capacity's pull reads nothing outside src
     cols = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
     ok = row_ok[:, None] & (cols < X)[None, :]
     src = peer_rows(src_bases_ptr, s, src_like_ptr)
@@ -95,16 +100,19 @@ fastest: 0.66 ms for 14.9k rows of 2048 bf16 from each rank (278 GB/s to the oth
 all-to-all 246) against 0.96 ms at 4 x 1024 with 4 warps (``benchmarks/probe_peer_rows.py``)."""
 
 
-def pull_rows(src: PeerArea, exchange: PeerExchange, token_M: torch.Tensor | None) -> torch.Tensor:
+def pull_rows(
+    src: PeerArea, exchange: PeerExchange, token_M: torch.Tensor | None, capacity: int | None = None
+) -> torch.Tensor:
     me = exchange.rank
     own = src.views[me]
-    M = exchange.num_received
+    M = exchange.num_received if capacity is None else capacity
     out = torch.empty((M, *own.shape[1:]), dtype=own.dtype, device=own.device)
     X = out[0].numel() if M else 0
     if M and X:
         block_m, block_x = PULL["BLOCK_M"], min(triton.next_power_of_2(X), PULL["BLOCK_X"])
+        token = token_M if token_M is not None else out
         _pull_rows_kernel[(triton.cdiv(M, block_m), triton.cdiv(X, block_x))](
-            src.bases_W, own, token_M if token_M is not None else out, exchange.counts_WW3, out, me, M, X,
+            src.bases_W, own, token, exchange.counts_WW3, out, me, M, X, own.shape[0],
             BY_TOKEN=token_M is not None, W=exchange.world_size, BLOCK_M=block_m, BLOCK_X=block_x,
             num_warps=PULL["num_warps"],
         )  # fmt: skip

@@ -6,7 +6,9 @@ On the dispatcher's sizes at T = 16384 per rank (``--rows`` bf16 rows of ``--hid
 rank to each rank, itself included, as the peer transport moves them), times with CUDA events:
 NCCL's ``all_to_all_single`` of the same rows and ``pull_rows`` (by token) for each tile setting
 of the sweep, after checking that each delivers the same rows. Prints the slowest rank's time and
-the GB/s each rank sends the others at that time; GPU only. (The way back, ``push_rows``, is
+the GB/s each rank sends the others at that time; then the forward's combine writing its rows
+home (``gather_sum`` into ``PeerRows``) for each tile setting, against the local combine. GPU
+only. (The way back, ``push_rows``, is
 copies: ``benchmarks/probe_copy_engine.py``.)
 """
 
@@ -20,7 +22,8 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from moe_replay.backends.base import PeerExchange
+from moe_replay.backends.base import PeerExchange, PeerRows
+from moe_replay.backends.triton import combine
 from moe_replay.backends.triton import peers as kernels
 from moe_replay.bench import write_json
 from moe_replay.parallel.peers import peer_memory
@@ -61,7 +64,7 @@ def main() -> int:
     counts = torch.zeros(W, W, 3, dtype=torch.int32, device=device)
     counts[:, :, 0] = n
     exchange = PeerExchange(rank=rank, rows=rows, counts_WW3=counts)
-    memory = peer_memory(group, device, T * H * 2 + 4096)
+    memory = peer_memory(group, device, max(T, W * n) * H * 2 + 4096)
     x_area = memory.area(0, (T, H), torch.bfloat16)
     gen = torch.Generator(device=device).manual_seed(rank)
     x_area.views[rank].copy_(torch.randn(T, H, generator=gen, device=device).to(torch.bfloat16))
@@ -91,6 +94,60 @@ def main() -> int:
         say(
             f"pull  {block_m:>3} x {block_x:>4}, {warps} warps: {ms:.3f} ms, {remote_gb / ms * 1e3:.0f} GB/s, {ok=}"
         )
+
+    # The forward's combine writing each received row's partial sum home (gather_sum to PeerRows),
+    # against the same combine into a local tensor: R = 2K slots a row, about 2.2 of them routed
+    # here (E = 128, K = 8 on 4 ranks), as at T = 16384 per rank.
+    M, K = W * n, 8
+    slot_MR = torch.full((M, 2 * K), -1, dtype=torch.int32, device=device)
+    routed = torch.rand(M, K, generator=gen, device=device) < 2.2 / K
+    routed[:, 0] = True
+    P = int(routed.sum())
+    slot_MR[:, :K][routed] = torch.randperm(P, generator=gen, device=device).to(torch.int32)
+    weights_MR = torch.rand(M, 2 * K, generator=gen, device=device)
+    y_NH = torch.randn(P, H, generator=gen, device=device).to(torch.bfloat16)
+    back = memory.area(0, (M, H), torch.bfloat16)  # reuses x's rows: the pull is done
+    home = PeerRows(back, exchange)
+    local = combine.gather_sum(y_NH, slot_MR, weights_MR, torch.bfloat16)
+    ms = device_ms(lambda: combine.gather_sum(y_NH, slot_MR, weights_MR, torch.bfloat16), args.iters)
+    results["combine_local"] = {"ms": ms}
+    say(f"combine, local rows: {ms:.3f} ms")
+    results["combine_to_peers"] = []
+    for block_m, block_h, warps in itertools.product((2, 4, 8, 16), (1024, 2048), (4, 8, 16)):
+        combine.TO_PEERS.update(BLOCK_M=block_m, BLOCK_H=block_h, num_warps=warps)
+        memory.barrier()
+        combine.gather_sum(y_NH, slot_MR, weights_MR, torch.bfloat16, home)
+        memory.barrier()
+        # Receiver d's row m from origin s sits at s's place: check this rank's own block.
+        mine = exchange.blocks()[0]
+        ok = torch.equal(back.views[rank][mine[2]], local[mine[1]])
+        ms = device_ms(
+            lambda: combine.gather_sum(y_NH, slot_MR, weights_MR, torch.bfloat16, home), args.iters
+        )
+        results["combine_to_peers"].append({"block_m": block_m, "block_h": block_h, "warps": warps, "ms": ms,
+                                            "ok": ok, "gb_per_s": remote_gb / ms * 1e3})  # fmt: skip
+        say(f"combine home {block_m:>3} x {block_h:>4}, {warps:>2} warps: {ms:.3f} ms, {ok=}")
+    # The alternative: the combine origin by origin into local rows, each block copied home by a
+    # copy engine while the next block combines (the others' blocks first, this rank's last).
+    copies = torch.cuda.Stream(device=device)
+    order = exchange.blocks()[1:] + exchange.blocks()[:1]
+
+    def by_origin() -> None:
+        for s, received, places in order:
+            part = combine.gather_sum(y_NH, slot_MR[received], weights_MR[received], torch.bfloat16)
+            copies.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(copies):
+                back.views[s][places].copy_(part)
+                part.record_stream(copies)
+        torch.cuda.current_stream().wait_stream(copies)
+
+    memory.barrier()
+    by_origin()
+    memory.barrier()
+    ok = torch.equal(back.views[rank][mine[2]], local[mine[1]])
+    ms = device_ms(by_origin, args.iters)
+    results["combine_by_origin_copies"] = {"ms": ms, "ok": ok}
+    say(f"combine by origin, copies home: {ms:.3f} ms, {ok=}")
     if rank == 0 and args.json:
         write_json(args.json, results)
     dist.destroy_process_group()

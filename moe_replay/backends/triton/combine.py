@@ -26,6 +26,10 @@ from moe_replay.backends.triton.peers import peer_rows, row_in_turn
 
 BLOCK_ROWS = 4
 
+TO_PEERS = {"BLOCK_M": 4, "BLOCK_H": 2048, "num_warps": 8}
+"""``gather_sum``'s tiles where it writes rows to their origins (``PeerRows``): rows and columns
+per program, as ``peers.PULL`` reads them (``benchmarks/probe_peer_rows.py`` sweeps both)."""
+
 
 def _block_h(H: int) -> int:
     return min(triton.next_power_of_2(max(H, 16)), 1024)
@@ -143,16 +147,18 @@ def gather_sum(
             f"out must be a contiguous [{M}, {H}] {out_dtype} tensor, got {list(out.shape)} {out.dtype}"
         )
     if M and H:
-        # Rows written to other ranks go in wider tiles, as pull_rows reads them (peers.PULL).
-        block_h, warps = (_block_h(H), 4) if peers is None else (min(triton.next_power_of_2(H), 2048), 8)
-        grid = (triton.cdiv(M, BLOCK_ROWS), triton.cdiv(H, block_h))
+        block_m, block_h, warps = (BLOCK_ROWS, _block_h(H), 4)
+        if peers is not None:  # rows written to other ranks go in wider tiles (TO_PEERS)
+            block_m, warps = TO_PEERS["BLOCK_M"], TO_PEERS["num_warps"]
+            block_h = min(triton.next_power_of_2(H), TO_PEERS["BLOCK_H"])
+        grid = (triton.cdiv(M, block_m), triton.cdiv(H, block_h))
         bases, counts, rank, W = (out, out, 0, 1) if peers is None else (
             peers.area.bases_W, peers.exchange.counts_WW3, peers.exchange.rank, peers.exchange.world_size
         )  # fmt: skip
         _gather_sum_kernel[grid](
             src_NH.contiguous(), slot_of_row_MR, weights_MR if weights_MR is not None else src_NH, out, M, H,
             bases, counts, rank, R=R, HAS_WEIGHTS=weights_MR is not None, TO_PEERS=peers is not None, W=W,
-            BLOCK_M=BLOCK_ROWS, BLOCK_H=block_h, num_warps=warps,
+            BLOCK_M=block_m, BLOCK_H=block_h, num_warps=warps,
         )  # fmt: skip
     elif peers is None:
         out.zero_()

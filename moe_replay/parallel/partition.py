@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import cached_property
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -60,7 +61,7 @@ class ExpertPartition:
         if self.rank >= self.world_size:
             raise ValueError(f"rank must be < world_size={self.world_size}, got {self.rank}")
 
-    @property
+    @cached_property  # read on every call of a layer: computed once
     def offsets(self) -> tuple[int, ...]:
         """``W + 1`` offsets of every rank's experts (:func:`expert_offsets`)."""
         return expert_offsets(self.num_experts, self.world_size)

@@ -323,14 +323,16 @@ class Backend(ABC):
         Each row is read R = 2K times, once per column of ``meta_MM``, so that ``meta_MM`` itself
         is the combine's weights: read k < K is pair (row, k), slot -1 where its expert is on
         another rank (``local_of_expert_E[id] == num_local``); read K + k (an id) has slot -1
-        always, adding nothing and getting a zero gradient. The ``num_pairs`` pairs on this rank
-        are the slots, in ascending (row, k) order within each expert (the ``ExpertBuckets``
+        always, adding nothing and getting a zero gradient. A negative id is no expert's (the
+        padding rows of a capacity: ``pull_rows``' ``fill``). The ``num_pairs`` pairs on this
+        rank are the slots, in ascending (row, k) order within each expert (the ``ExpertBuckets``
         contract). The plain torch ops here are the reference: a dispatch over the local experts
         and a sink bucket (other ranks' experts), which the stable sort puts last and which is
         cut off.
         """
         K = meta_MM.shape[1] // 2
-        local_ids_MK = local_of_expert_E[meta_MM[:, K:].long()]  # ids are exact float32 values
+        ids_MK = meta_MM[:, K:].long()  # ids are exact float32 values
+        local_ids_MK = torch.where(ids_MK >= 0, local_of_expert_E[ids_MK.clamp_min(0)], num_local)
         pairs = self.dispatch(local_ids_MK, num_local + 1)
         slot_of_row_MK = torch.where(local_ids_MK < num_local, pairs.slot_of_row_MR, -1)
         return ExpertBuckets(
@@ -345,6 +347,7 @@ class Backend(ABC):
         exchange: PeerExchange,
         token_M: torch.Tensor | None = None,
         capacity: int | None = None,
+        fill: float | None = None,
     ) -> torch.Tensor:
         """The expert-parallel peer transport's dispatch, run by each receiver: its
         ``M = exchange.num_received`` rows, row ``m = recv_start(rank, s) + i`` read from origin s:
@@ -357,10 +360,11 @@ class Backend(ABC):
         With ``capacity``, before the host knows the counts (``exchange.rows`` may be None):
         ``capacity`` rows, the first M of them pulled where ``M <= capacity`` and every place
         read lies within ``src``'s rows; all other rows are undefined, and no read leaves
-        ``src``'s rows. The caller checks those conditions once it has the counts."""
+        ``src``'s rows. The caller checks those conditions once it has the counts. With ``fill``
+        too, the rows past M hold ``fill`` where ``M <= capacity``."""
         from moe_replay.backends.torch.peers import pull_rows
 
-        return pull_rows(src, exchange, token_M, capacity)
+        return pull_rows(src, exchange, token_M, capacity, fill)
 
     def push_rows(self, x_MX: torch.Tensor, dst: PeerArea, exchange: PeerExchange) -> None:
         """The peer transport's way home for a receiver's rows: its received row

@@ -183,7 +183,8 @@ class Counts:
         """The counts from the all-gathered matrix ``[s][d][chunk]`` of (rows, pairs, flags)."""
         sent, received = matrix[rank], [row[rank] for row in matrix]
         chunks = range(len(sent[0]))
-        flags = [chunk[2] for row in matrix for to_d in row for chunk in to_d]
+        # Every entry of a rank's row carries its flags: the first chunk's to rank 0 says them.
+        flags = [row[0][0][2] for row in matrix]
         return Counts(
             rows=tuple(tuple(sum(chunk[0] for chunk in to_d) for to_d in row) for row in matrix),
             send_rows=[[to_d[c][0] for to_d in sent] for c in chunks],
@@ -352,7 +353,8 @@ class AllToAllDispatcher:
             gathered = exchange.launch()
             meta_TM = torch.cat([weights_TK, ids_TK], dim=1)  # [T, 2K] float32 (ids promoted)
             if peers:  # staged, exchanged and pulled while the host waits, where the last call's areas serve
-                self._peers.start(x_TH, meta_TM, plan, x_TH.shape[0] * reach, gathered, backend, stage)
+                places = x_TH.shape[0] * reach
+                self._peers.start(x_TH, meta_TM, plan, places, gathered, backend, self._constant, stage)
             sends = [] if peers else self._capacity_sends(x_TH, meta_TM, plan, backend, reach)
             counts = self._read_counts(exchange)
 

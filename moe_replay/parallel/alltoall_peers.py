@@ -62,6 +62,7 @@ every rank agreeing from the count matrix) when a call needs more rows than it h
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -96,8 +97,7 @@ class _Areas:
 
     @staticmethod
     def row_bytes(H: int, M2: int, dtype: torch.dtype) -> list[int]:
-        item = torch.empty((), dtype=dtype).element_size()
-        return [H * item, M2 * 4, 4, H * item, M2 * 4]
+        return [H * dtype.itemsize, M2 * 4, 4, H * dtype.itemsize, M2 * 4]
 
     @staticmethod
     def carve(memory: PeerMemory, H: int, M2: int, dtype: torch.dtype) -> _Areas:
@@ -125,9 +125,6 @@ class _Call:
     areas: _Areas
     exchange: PeerExchange
     plan: SendPlan
-    to_ranks: ExpertBuckets
-    """The send list as buckets over the ranks: ``slot_of_row_MR`` is ``[T, W]``, each token's
-    place for each rank (-1: none)."""
     backend: Backend
     out_dtype: torch.dtype
     pulled: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -138,6 +135,12 @@ class _Call:
     @property
     def me(self) -> int:
         return self.exchange.rank
+
+    @functools.cached_property  # first read after the experts' launch, off the host's busy stretch
+    def to_ranks(self) -> ExpertBuckets:
+        """The send list as buckets over the ranks: ``slot_of_row_MR`` is ``[T, W]``, each token's
+        place for each rank (-1: none)."""
+        return self.plan.chunk(0, self.exchange.num_sent)[1]
 
     @property
     def device(self) -> torch.device:
@@ -203,7 +206,9 @@ def _pull(
     """``(x_MH, meta_MM)``: this receiver's rows from the origins' staged ones (after a barrier)."""
     token_M = backend.pull_rows(areas.stage_tokens, exchange, None, capacity)  # rows' tokens on their origins
     x_MH = backend.pull_rows(areas.stage_rows, exchange, token_M, capacity)
-    return x_MH, backend.pull_rows(areas.stage_meta, exchange, token_M, capacity)
+    # A capacity's rows past M get id -1: no expert's (Backend.received_buckets).
+    fill = None if capacity is None else -1.0
+    return x_MH, backend.pull_rows(areas.stage_meta, exchange, token_M, capacity, fill)
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,14 @@ class _Early:
     x_MH: torch.Tensor
     """``[capacity, H]``, the first M rows pulled."""
     meta_MM: torch.Tensor
+    buckets: ExpertBuckets
+    """The received rows' buckets over this rank's experts, the capacity's padding rows in none."""
+
+    def rows(self, M: int, pairs: int) -> tuple[torch.Tensor, torch.Tensor, ExpertBuckets]:
+        """``(x_MH, meta_MM, buckets)`` of the call's M rows and ``pairs`` (row, expert) pairs."""
+        b = self.buckets
+        buckets = ExpertBuckets(b.row_of_slot_N[:pairs], b.slot_of_row_MR[:M], b.offsets_E1)
+        return self.x_MH[:M], self.meta_MM[:M], buckets
 
 
 @torch.no_grad()
@@ -322,17 +335,19 @@ class PeerTransport:
         places: int,
         counts_WW13: torch.Tensor,
         backend: Backend,
+        constant: Callable[[str, torch.device], torch.Tensor],
         stage: bool,
     ) -> None:
         """Before the count sync, from a layer's second call on: stage x, meta and the send list
         (its first ``places``, an upper bound of its length, where ``stage``: :meth:`can_stage`),
         then the barrier, then pull this receiver's rows at a capacity (the last call's most
-        rows received by a rank, and an eighth more), their counts read on the device. So the
-        device stages, exchanges and pulls while the host waits for the counts and then works
-        out the call; the call uses these rows where every rank staged and the counts fit
-        (``__call__``). Every rank of the group runs the barrier here or none does (``_areas``
-        is set by every call on every rank). Staging runs after the last exchange's final
-        barrier on this stream: no rank reads these rows now."""
+        rows received by a rank, and an eighth more), their counts read on the device, and
+        bucket them over this rank's experts. So the device stages, exchanges, pulls and buckets
+        while the host waits for the counts and then works out the call; the call uses these
+        rows where every rank staged and the counts fit (``__call__``). Every rank of the group
+        runs the barrier here or none does (``_areas`` is set by every call on every rank).
+        Staging runs after the last exchange's final barrier on this stream: no rank reads these
+        rows now."""
         self._early = None
         if self._areas is None:
             return
@@ -344,7 +359,10 @@ class PeerTransport:
         W = self.partition.world_size
         exchange = PeerExchange(rank=self.rank, rows=None, counts_WW3=counts_WW13.view(W, W, 3))
         x_MH, meta_MM = _pull(backend, areas, exchange, self._capacity)
-        self._early = _Early(memory, areas, x_MH, meta_MM)
+        local_of_expert_E = constant("local_of_expert_E", x_TH.device)
+        slots = self._capacity * (meta_MM.shape[1] // 2)
+        buckets = backend.received_buckets(meta_MM, local_of_expert_E, self.partition.num_local, slots)
+        self._early = _Early(memory, areas, x_MH, meta_MM, buckets)
 
     def __call__(
         self,
@@ -382,16 +400,17 @@ class PeerTransport:
         if self._areas is None or self._areas[:4] != (memory, H, M2, x_TH.dtype):
             self._areas = (memory, H, M2, x_TH.dtype, _Areas.carve(memory, H, M2, x_TH.dtype))
         areas = self._areas[4]
-        _, to_ranks = plan.chunk(0, exchange.num_sent)
-        M = exchange.num_received
-        pulled = None if early is None else (early.x_MH[:M], early.meta_MM[:M])
-        call = _Call(memory, areas, exchange, plan, to_ranks, backend, x_TH.dtype, pulled=pulled)
-        self.pulled_early = pulled is not None
+        M, pairs = exchange.num_received, counts.recv_pairs[0]
+        x_MH, meta_MM, buckets = (None, None, None) if early is None else early.rows(M, pairs)
+        pulled = None if early is None else (x_MH, meta_MM)
+        call = _Call(memory, areas, exchange, plan, backend, x_TH.dtype, pulled=pulled)
+        self.pulled_early = early is not None
 
         x_TH = align_requires_grad(x_TH, counts.any_needs_grad)  # a rank without gradients joins the backward
         x_MH, meta_MM = _PullRows.apply(call, x_TH, meta_TM)
-        local_of_expert_E = constant("local_of_expert_E", device)
-        buckets = backend.received_buckets(meta_MM, local_of_expert_E, part.num_local, counts.recv_pairs[0])
+        if buckets is None:
+            local_of_expert_E = constant("local_of_expert_E", device)
+            buckets = backend.received_buckets(meta_MM, local_of_expert_E, part.num_local, pairs)
         early_grads: InputGradsHook | None = call.push_early if push_early else None
         to_origins = PeerRows(areas.back_rows, exchange)  # the combine writes each row home
         placeholder = experts.forward_combined(

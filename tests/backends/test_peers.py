@@ -115,6 +115,8 @@ def test_pull_rows_at_a_capacity_counts_on_the_device(backend: str, W: int, toke
         assert token_M.shape == (M + 5,) and out.shape == (M + 5, X)
         assert torch.equal(token_M[:M], stages.pull_rows(tok, exact))
         assert torch.equal(out[:M], stages.pull_rows(src, exact, stages.pull_rows(tok, exact)))
+        filled = stages.pull_rows(src, early, token_M, M + 5, fill=-1.0)  # the padding rows' value
+        assert torch.equal(filled[:M], out[:M]) and (filled[M:] == -1).all()
         # Too small a capacity, or places past the areas' rows: rows undefined, no stray reads.
         assert stages.pull_rows(src, early, token_M, max(M - 2, 1)).shape == (max(M - 2, 1), X)
         short = local_area([t[: max(room // 2, 1)] for t in toks])

@@ -153,3 +153,13 @@ def test_received_buckets_match_enumeration(
     assert buckets.row_of_slot_N.tolist() == [m for m, _ in order]
     assert buckets.offsets_E1.tolist() == [sum(counts[:e]) for e in range(E_loc + 1)]
     assert buckets.num_slots == P and buckets.num_experts == E_loc
+
+    # A capacity's padding rows (ids -1, as pull_rows' fill writes them) are no expert's: the
+    # same buckets over the first M rows, no slot in the others.
+    padded = torch.cat([meta_MM, torch.full((5, 2 * K), -1.0)])
+    stages = get_backend(backend_name, "cpu")
+    with_pad = stages.received_buckets(padded, local_of_expert_E, E_loc, (M + 5) * K)
+    assert with_pad.slot_of_row_MR[:M].tolist() == expected_slot
+    assert (with_pad.slot_of_row_MR[M:] == -1).all()
+    assert with_pad.row_of_slot_N[:P].tolist() == [m for m, _ in order]
+    assert with_pad.offsets_E1.tolist() == buckets.offsets_E1.tolist()

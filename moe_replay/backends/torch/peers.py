@@ -12,12 +12,16 @@ from moe_replay.backends.base import PeerArea, PeerExchange
 
 
 def pull_rows(
-    src: PeerArea, exchange: PeerExchange, token_M: torch.Tensor | None, capacity: int | None = None
+    src: PeerArea,
+    exchange: PeerExchange,
+    token_M: torch.Tensor | None,
+    capacity: int | None = None,
+    fill: float | None = None,
 ) -> torch.Tensor:
     if capacity is not None:  # the counts from the device; rows left undefined are zeros here
         exchange = exchange.with_host_rows()
         own = src.views[exchange.rank]
-        out = own.new_zeros((capacity, *own.shape[1:]))
+        out = own.new_full((capacity, *own.shape[1:]), 0 if fill is None else fill)
         M, limit = exchange.num_received, own.shape[0]
         places = [
             token_M[received].long() if token_M is not None else torch.arange(p.start, p.stop)

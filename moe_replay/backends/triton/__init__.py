@@ -126,8 +126,9 @@ class TritonBackend(Backend):
         exchange: PeerExchange,
         token_M: torch.Tensor | None = None,
         capacity: int | None = None,
+        fill: float | None = None,
     ) -> torch.Tensor:
-        return peers.pull_rows(src, exchange, token_M, capacity)
+        return peers.pull_rows(src, exchange, token_M, capacity, fill)
 
     @torch.compiler.disable
     def quant_expert_mlp(

@@ -45,11 +45,12 @@ SCAN_STEP = 32  # blocks of counts summed per step of the fused scan
 def _load_ids(ids_ptr, lut_ptr, slots, N, E, R, FROM_META: tl.constexpr):
     """The expert id of each slot and whether it is in ``[0, E)``. ``FROM_META``: slot ``m * R + r``
     reads global id ``ids_ptr[m, R + r]`` of a ``[M, 2R]`` float32 meta tensor and maps it through
-    ``lut_ptr`` (ids of other ranks' experts map to E, which no bucket holds)."""
+    ``lut_ptr`` (ids of other ranks' experts map to E, which no bucket holds; so do negative ids,
+    the padding rows of a capacity)."""
     in_range = slots < N
     if FROM_META:
-        g = tl.load(ids_ptr + (slots // R) * (2 * R) + R + slots % R, mask=in_range, other=0.0)
-        ids = tl.load(lut_ptr + g.to(tl.int32), mask=in_range, other=E)
+        g = tl.load(ids_ptr + (slots // R) * (2 * R) + R + slots % R, mask=in_range, other=-1.0)
+        ids = tl.load(lut_ptr + g.to(tl.int32), mask=in_range & (g >= 0), other=E)
     else:
         ids = tl.load(ids_ptr + slots, mask=in_range, other=-1)
     return ids, in_range & (ids >= 0) & (ids < E)

@@ -73,8 +73,9 @@ def peer_rows(bases_ptr, r, like_ptr):
 
 @triton.jit
 def _pull_rows_kernel(
-    src_bases_ptr, src_like_ptr, token_ptr, counts_ptr, out_ptr, rank, M, X, SRC_ROWS,
-    BY_TOKEN: tl.constexpr, W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_X: tl.constexpr,
+    src_bases_ptr, src_like_ptr, token_ptr, counts_ptr, out_ptr, rank, M, X, SRC_ROWS, fill,
+    BY_TOKEN: tl.constexpr, FILL: tl.constexpr, W: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_X: tl.constexpr,
 ):  # fmt: skip
     turn = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     received = tl.zeros_like(turn)  # this receiver's rows, from the device's counts
@@ -92,6 +93,14 @@ def _pull_rows_kernel(
     src = peer_rows(src_bases_ptr, s, src_like_ptr)
     v = tl.load(src[:, None] + place.to(tl.int64)[:, None] * X + cols[None, :], mask=ok)
     tl.store(out_ptr + rows64[:, None] * X + cols[None, :], v, mask=ok)
+    if FILL:  # rows past the received ones (turn q >= received is row q) up to the capacity
+        pad = (turn >= received) & (turn < M)
+        at = out_ptr + turn.to(tl.int64)[:, None] * X + cols[None, :]
+        tl.store(
+            at,
+            (tl.zeros([BLOCK_M, BLOCK_X], tl.float32) + fill).to(out_ptr.dtype.element_ty),
+            mask=pad[:, None] & (cols < X)[None, :],
+        )
 
 
 PULL = {"BLOCK_M": 4, "BLOCK_X": 2048, "num_warps": 8}
@@ -101,7 +110,11 @@ all-to-all 246) against 0.96 ms at 4 x 1024 with 4 warps (``benchmarks/probe_pee
 
 
 def pull_rows(
-    src: PeerArea, exchange: PeerExchange, token_M: torch.Tensor | None, capacity: int | None = None
+    src: PeerArea,
+    exchange: PeerExchange,
+    token_M: torch.Tensor | None,
+    capacity: int | None = None,
+    fill: float | None = None,
 ) -> torch.Tensor:
     me = exchange.rank
     own = src.views[me]
@@ -112,8 +125,9 @@ def pull_rows(
         block_m, block_x = PULL["BLOCK_M"], min(triton.next_power_of_2(X), PULL["BLOCK_X"])
         token = token_M if token_M is not None else out
         _pull_rows_kernel[(triton.cdiv(M, block_m), triton.cdiv(X, block_x))](
-            src.bases_W, own, token, exchange.counts_WW3, out, me, M, X, own.shape[0],
-            BY_TOKEN=token_M is not None, W=exchange.world_size, BLOCK_M=block_m, BLOCK_X=block_x,
+            src.bases_W, own, token, exchange.counts_WW3, out, me, M, X, own.shape[0], 0.0 if fill is None else fill,
+            BY_TOKEN=token_M is not None, FILL=fill is not None and capacity is not None, W=exchange.world_size,
+            BLOCK_M=block_m, BLOCK_X=block_x,
             num_warps=PULL["num_warps"],
         )  # fmt: skip
     return out

@@ -120,6 +120,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --profile: every rank writes its Chrome trace there (trace_rank<r>.json.gz)",
     )
     p.add_argument(
+        "--with-stack",
+        action="store_true",
+        help="with --profile: record Python calls too (trace_timeline.py --host reads them)",
+    )
+    p.add_argument(
         "--nccl-priority",
         choices=("high", "normal"),
         default="high",
@@ -560,7 +565,7 @@ def run_profile(T: int, args: argparse.Namespace, device: torch.device) -> None:
         if args.a2a_only:
             time_token_all_to_all(layer.ep.dispatcher.last_send_rows, cfg, dtype, device, args)
             return
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=activities, with_stack=args.with_stack) as prof:
             for i in range(2):
                 with torch.no_grad(), torch.profiler.record_function(f"bench.forward.{i}"):
                     model(x)

@@ -84,13 +84,75 @@ def gaps(ops: list[Op], min_us: float) -> list[tuple[float, float, Op]]:
     return found
 
 
+def host_window(
+    events: list[dict], pass_name: str, after: str, until: str, min_us: float, depth: int
+) -> list[str]:
+    """The host's calls (``--with-stack`` traces: Python functions; torch ops otherwise) from the
+    end of the pass's first event named ``after`` (by default the count sync) to the launch of the
+    first kernel named ``until``, on the thread of ``after``: one line per call of at least
+    ``min_us``, indented by nesting, ``depth`` levels at most."""
+    (window,) = [e for e in events if e.get("name") == pass_name and e.get("cat") == "user_annotation"][:1]
+    lo, hi = window["ts"], window["ts"] + window["dur"]
+    syncs = [e for e in events if e.get("name") == after and e.get("ph") == "X" and lo <= e["ts"] <= hi]
+    if not syncs:
+        return [f"no {after} in the pass"]
+    sync = min(syncs, key=lambda e: e["ts"])
+    start, tid = sync["ts"] + sync["dur"], sync["tid"]
+    kernels = {e["args"]["correlation"] for e in events if e.get("cat") == "kernel" and e["name"] == until}
+    launches = [
+        e["ts"]
+        for e in events
+        if e.get("cat") in ("cuda_runtime", "cuda_driver")
+        and e.get("args", {}).get("correlation") in kernels
+        and e["ts"] > start
+    ]
+    end = min(launches) if launches else hi
+    calls = sorted(
+        (
+            e
+            for e in events
+            if e.get("ph") == "X"
+            and e.get("tid") == tid
+            and e.get("cat")
+            in ("python_function", "cpu_op", "user_annotation", "cuda_runtime", "cuda_driver")
+            and start <= e["ts"] < end
+        ),
+        key=lambda e: (e["ts"], -e.get("dur", 0)),
+    )
+    lines, open_ends = [f"host from {after}'s end to {until}'s launch: {end - start:.1f} µs"], []
+    for e in calls:
+        while open_ends and e["ts"] >= open_ends[-1]:
+            open_ends.pop()
+        level = len(open_ends)
+        open_ends.append(e["ts"] + e.get("dur", 0))
+        if level < depth and e.get("dur", 0) >= min_us:
+            lines.append(f"{e['ts'] - start:9.1f} {e['dur']:8.1f} {'  ' * level}{e['name'][:100]}")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("trace_dir")
     p.add_argument("--pass", dest="pass_name", default="bench.forward.1")
     p.add_argument("--gap-us", type=float, default=20.0)
     p.add_argument("--out", default=None, help="every op of every rank, one line each")
+    p.add_argument(
+        "--host",
+        type=int,
+        default=None,
+        metavar="RANK",
+        help="instead: RANK's host calls from --after's end to --until's launch (host_window)",
+    )
+    p.add_argument("--after", default="cudaEventSynchronize", help="with --host: where the window starts")
+    p.add_argument("--until", default="_gate_up_kernel", help="with --host: the kernel whose launch ends it")
+    p.add_argument("--min-us", type=float, default=10.0)
+    p.add_argument("--depth", type=int, default=12)
     args = p.parse_args()
+    if args.host is not None:
+        events = load(Path(args.trace_dir) / f"trace_rank{args.host}.json.gz")
+        lines = host_window(events, args.pass_name, args.after, args.until, args.min_us, args.depth)
+        print("\n".join(lines))
+        return
     paths = sorted(
         Path(args.trace_dir).glob("trace_rank*.json*"), key=lambda q: int(q.name[10:].split(".")[0])
     )

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import os
 import platform
 import socket
@@ -389,10 +390,12 @@ def _elapsed_ms(fn: Callable[[], None], device: torch.device) -> float:
 
 def time_iterations(
     fn: Callable[[], None], before: Callable[[], None], args: argparse.Namespace, device: torch.device
-) -> tuple[float, float]:
-    """(isolated, steady) milliseconds per call of ``fn`` (module docstring): the median over
-    ``args.iters`` runs each after ``before()``, a barrier and a device sync; and ``args.iters``
-    runs back to back (``before()`` between them) after one barrier, divided by ``args.iters``."""
+) -> tuple[float, float, float]:
+    """(isolated, steady, slowest steady) milliseconds per call of ``fn`` (module docstring): the
+    median over ``args.iters`` runs each after ``before()``, a barrier and a device sync;
+    ``args.iters`` runs back to back (``before()`` between them) after one barrier, divided by
+    ``args.iters``; and the longest of those back-to-back runs (by events between them: a stall
+    in one run, or every run slow)."""
     times = []
     for i in range(args.warmup + args.iters):
         before()
@@ -402,14 +405,30 @@ def time_iterations(
         if i >= args.warmup:
             times.append(elapsed)
 
+    marks: list = []
+
+    def mark() -> None:
+        if device.type == "cuda":
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
+        else:
+            marks.append(time.perf_counter())
+
     def back_to_back() -> None:
+        mark()
         for _ in range(args.iters):
             before()
             fn()
+            mark()
 
     dist.barrier()
     sync(device)
-    return statistics.median(times), _elapsed_ms(back_to_back, device) / args.iters
+    steady = _elapsed_ms(back_to_back, device) / args.iters
+    if device.type == "cuda":
+        runs = [a.elapsed_time(b) for a, b in itertools.pairwise(marks)]
+    else:
+        runs = [(b - a) * 1e3 for a, b in itertools.pairwise(marks)]
+    return statistics.median(times), steady, max(runs)
 
 
 def timing_config(args: argparse.Namespace, device: torch.device) -> tuple[dict, mr.MoEConfig, torch.dtype]:
@@ -460,9 +479,9 @@ def time_layer(
         for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            isolated, steady = time_iterations(fn, reset_grads, args, device)
+            isolated, steady, slowest = time_iterations(fn, reset_grads, args, device)
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            results[name] = {"ms": steady, "ms_isolated": isolated, "peak_gb": peak}
+            results[name] = {"ms": steady, "ms_isolated": isolated, "ms_slowest": slowest, "peak_gb": peak}
     reset_grads()
     return results
 
@@ -476,7 +495,7 @@ def run_timing(args: argparse.Namespace, device: torch.device, report: Report) -
     )
     say(
         f"{'T/rank':>7} {'case':<20} {'fwd ms':>9} {'fwd+bwd ms':>11} {'eff fwd':>8} {'eff f+b':>8}  "
-        f"{'isolated: fwd':>8} {'f+b':>8}  per-rank fwd+bwd ms (steady)"
+        f"{'isolated: fwd':>8} {'f+b':>8}  per-rank fwd+bwd ms (steady), slowest f+b run"
     )
     cases = ["1gpu", *ep_cases(args.modes, args)]
     for T in args.tokens:
@@ -521,6 +540,7 @@ def run_timing(args: argparse.Namespace, device: torch.device, report: Report) -
                     "ms_median": statistics.median(ms_ranks),
                     "ms_isolated_per_rank": isolated_ranks,
                     "ms_isolated_max": max(isolated_ranks),
+                    "ms_slowest_run_per_rank": [r[name]["ms_slowest"] for r in per_rank],
                     "peak_gb_per_rank": [r[name]["peak_gb"] for r in per_rank],
                 }
                 if case == "1gpu":
@@ -537,6 +557,7 @@ def run_timing(args: argparse.Namespace, device: torch.device, report: Report) -
                 f"{T:>7} {case:<20} {ms_col:>9.3f} {msb_col:>11.3f} {f['efficiency']:>8.2f} "
                 f"{fb['efficiency']:>8.2f}  {f['ms_isolated_max']:>8.3f} {fb['ms_isolated_max']:>8.3f}  "
                 + " ".join(f"{v:.2f}" for v in fb["ms_per_rank"])
+                + f", {max(fb['ms_slowest_run_per_rank']):.2f}"
             )
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -249,8 +249,9 @@ class _PullRows(torch.autograd.Function):
     def forward(ctx, call: _Call, x_TH, meta_TM):  # type: ignore[override]
         ctx.call = call
         ctx.set_materialize_grads(False)
-        if call.pulled is not None:
-            return call.pulled
+        if call.pulled is not None:  # handed over: the call keeps no reference to its outputs
+            pulled, call.pulled = call.pulled, None
+            return pulled
         _stage(call.areas, call.me, x_TH, meta_TM, call.plan, call.exchange.num_sent)
         call.memory.barrier()
         return _pull(call.backend, call.areas, call.exchange)

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import gc
 import itertools
 import json
 import os
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -41,7 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 import moe_replay as mr
 from moe_replay.backends.registry import available_backends
-from moe_replay.parallel import peers
+from moe_replay.parallel import alltoall_peers, peers
 from moe_replay.parallel.alltoall_peers import _Call
 from moe_replay.parallel.collectives import RowsInFlight, check_device
 
@@ -388,6 +390,7 @@ def check_alltoall_peers(world: World) -> None:
 
     peers.PeerMemory.__init__ = counted_init  # type: ignore[method-assign]
     peers.release_peer_memory(world.group)  # every rank: the first call below makes it anew
+    call_init = alltoall_peers._Call.__init__
     try:
         for cfg, calls_before in ((CFG_UNEVEN, 1), (CFG_GROUPED, 0)):
             for counts in TOKEN_COUNTS[world.size]:
@@ -427,8 +430,27 @@ def check_alltoall_peers(world: World) -> None:
                 assert_close(ep(x_SH[world.rows(counts)]), ref(x_SH)[world.rows(counts)], **F32)
             early.append(ep.ep.dispatcher._peers.pulled_early)
         assert early == [False, True, False, True, False, True], early
+        # A call's rows and their autograd nodes go when its outputs do, without the garbage
+        # collector: nothing of a call refers back to its own outputs (a cycle through the
+        # pulled rows once kept every call's rows alive until a collection).
+        calls: list[weakref.ref] = []
+
+        def tracked_init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            call_init(self, *args, **kwargs)
+            calls.append(weakref.ref(self))
+
+        alltoall_peers._Call.__init__ = tracked_init  # type: ignore[method-assign]
+        gc.collect()
+        gc.disable()
+        x = x_SH[world.rows(counts)].clone().requires_grad_()
+        for _ in range(2):  # the second call takes the early rows
+            ep(x).sum().backward()
+        assert ep.ep.dispatcher._peers.pulled_early and len(calls) == 2
+        assert all(ref() is None for ref in calls)
     finally:
         peers.PeerMemory.__init__ = init  # type: ignore[method-assign]
+        alltoall_peers._Call.__init__ = call_init  # type: ignore[method-assign]
+        gc.enable()
     assert len(made) >= 2 and made == sorted(made), made  # grown, never shrunk
 
 

@@ -139,10 +139,11 @@ shared-memory peers are for tests and explicit use). The ``transport`` attribute
 layer (the same on every rank).
 
 Why (4 H100s, Qwen3 shape, forward / forward+backward ms on one machine, benchmarks/RESULTS.md,
-seventh session): peers 2.20 / 4.56 at T = 4096 per rank and 4.62 / 11.49 at T = 16384, against
-3.05 / 5.76 and 4.41 / 11.88 for collectives. The peer transport launches fewer kernels and
-moves no rows through send buffers in the forward, which wins where the call is host-bound;
-its backward copies blocks with copy engines, which leave the weight-gradient GEMMs every SM."""
+eighth session): peers 4.17 / 11.26 at T = 16384 per rank against 4.73 / 13.08 for collectives
+(seventh session, at T = 4096: 2.20 / 4.56 against 3.05 / 5.76). The peer transport launches
+fewer kernels, moves no rows through send buffers in the forward and pulls them before the host
+has the counts; its backward copies blocks with copy engines, which leave the weight-gradient
+GEMMs every SM."""
 
 TRANSPORTS = ("auto", "peers", "collectives")
 

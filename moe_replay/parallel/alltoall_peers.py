@@ -12,7 +12,8 @@ Data movement, on each rank (every arrow a barrier of the group)::
               symmetric rows                                                           ─► barrier
     receiver  pull_rows: token_M, each row's token from its origin's send list; then x_MH and
               meta_MM, read from the origins' staged rows over NVLink (the permutation and the
-              transfer in one kernel each); host sync (the counts)
+              transfer in one kernel each); their buckets over this rank's experts; host sync
+              (the counts; on a layer's first call it comes before the barrier)
               experts + combine, the combine writing each row's partial sum into its origin's
               return rows, at the row's place in the origin's send list                ─► barrier
     origin    y_TH[t] = sum of t's <= W partials, float32, rank order (a local gather)
@@ -38,11 +39,12 @@ all-to-all (benchmarks/probe_copy_engine.py), holding no SMs: the GEMMs next to 
 of them, losing only some memory bandwidth. The receiver's rows (x_MH, which the experts'
 backward keeps) are its own tensors: only staged and returned rows live in symmetric memory.
 
-From a layer's second call on, staging, the barrier and the pulls are queued before the host
-waits for the counts (``PeerTransport.start``): the pull kernels count their rows on the device
-and run over a grid and into tensors of a capacity (the last call's most rows received by a
-rank, and an eighth more), reading nothing outside the areas. So the device stages and pulls
-while the host waits for the counts and then works out the call (on 4 H100s the device had
+From a layer's second call on, staging, the barrier, the pulls and the buckets are queued before
+the host waits for the counts (``PeerTransport.start``): the pull kernels count their rows on the
+device and run over a grid and into tensors of a capacity (the last call's most rows received by
+a rank, and an eighth more), reading nothing outside the areas, and the capacity's extra rows get
+expert id -1, in no bucket. So the device stages, pulls and buckets while the host waits for the
+counts and then works out the call (on 4 H100s the device had
 idled 0.4-0.6 ms there, profiled, at T = 16384). Once the host has the counts, every rank
 checks the same things: every rank had room to stage (its flag in the count exchange), the areas
 hold the call's rows, and the capacity its received rows. If not, all of them pass one more

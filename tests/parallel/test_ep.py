@@ -599,7 +599,9 @@ def check_triton_backend(world: World, mode: str) -> str | None:
             # the recompute (and its collectives) runs, on every rank alike.
             check_activation_checkpointing(world, mode, backend="triton")
             if mode == "alltoall":  # the peer transport: its kernels, its early copies, its prologue
-                for counts in TOKEN_COUNTS[world.size]:  # a second call: the rows pulled before the sync
+                # The first count set (a rank without tokens) on a second call: the rows pulled
+                # and bucketed before the sync, by the kernels (the other set on a first call).
+                for calls_before, counts in enumerate(TOKEN_COUNTS[world.size][::-1]):
                     ep = compare_with_reference(
                         world,
                         CFG_UNEVEN,
@@ -608,9 +610,9 @@ def check_triton_backend(world: World, mode: str) -> str | None:
                         backend="triton",
                         transport="peers",
                         forced=True,
-                        calls_before=1,
+                        calls_before=calls_before,
                     )
-                    assert ep.ep.dispatcher._peers.pulled_early
+                    assert ep.ep.dispatcher._peers.pulled_early is (calls_before > 0)
                 check_activation_checkpointing(world, mode, backend="triton", transport="peers")
     finally:
         RowsInFlight.send_grads_now = send_grads_now  # type: ignore[method-assign]

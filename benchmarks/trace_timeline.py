@@ -39,22 +39,24 @@ def load(path: Path) -> list[dict]:
         return json.load(f)["traceEvents"]
 
 
+LAUNCH_CATS = ("cuda_runtime", "cuda_driver")  # the host's launches (Triton's go through the driver)
+
+
+def pass_range(events: list[dict], name: str) -> tuple[float, float]:
+    """``(start, end)`` on the host clock of the first ``record_function`` range ``name``."""
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") == name and e.get("cat") == "user_annotation":
+            return e["ts"], e["ts"] + e["dur"]
+    raise SystemExit(f"no host range {name!r} in the trace")
+
+
 def pass_ops(events: list[dict], name: str) -> list[Op]:
     """The device ops launched inside the host range ``name`` (every thread's launches)."""
-    ranges = [
-        e
-        for e in events
-        if e.get("ph") == "X" and e.get("name") == name and e.get("cat") == "user_annotation"
-    ]
-    if not ranges:
-        raise SystemExit(f"no host range {name!r} in the trace")
-    start, end = ranges[0]["ts"], ranges[0]["ts"] + ranges[0]["dur"]
+    start, end = pass_range(events, name)
     launched = {
         e["args"]["correlation"]
         for e in events
-        if e.get("cat") in ("cuda_runtime", "cuda_driver")
-        and "correlation" in e.get("args", {})
-        and start <= e["ts"] <= end
+        if e.get("cat") in LAUNCH_CATS and "correlation" in e.get("args", {}) and start <= e["ts"] <= end
     }
     ops = [
         Op(e["ts"], e.get("dur", 0.0), e["args"].get("stream", -1), e["name"])
@@ -91,8 +93,7 @@ def host_window(
     end of the pass's first event named ``after`` (by default the count sync) to the launch of the
     first kernel named ``until``, on the thread of ``after``: one line per call of at least
     ``min_us``, indented by nesting, ``depth`` levels at most."""
-    (window,) = [e for e in events if e.get("name") == pass_name and e.get("cat") == "user_annotation"][:1]
-    lo, hi = window["ts"], window["ts"] + window["dur"]
+    lo, hi = pass_range(events, pass_name)
     syncs = [e for e in events if e.get("name") == after and e.get("ph") == "X" and lo <= e["ts"] <= hi]
     if not syncs:
         return [f"no {after} in the pass"]
@@ -102,9 +103,7 @@ def host_window(
     launches = [
         e["ts"]
         for e in events
-        if e.get("cat") in ("cuda_runtime", "cuda_driver")
-        and e.get("args", {}).get("correlation") in kernels
-        and e["ts"] > start
+        if e.get("cat") in LAUNCH_CATS and e.get("args", {}).get("correlation") in kernels and e["ts"] > start
     ]
     end = min(launches) if launches else hi
     calls = sorted(
@@ -113,8 +112,7 @@ def host_window(
             for e in events
             if e.get("ph") == "X"
             and e.get("tid") == tid
-            and e.get("cat")
-            in ("python_function", "cpu_op", "user_annotation", "cuda_runtime", "cuda_driver")
+            and e.get("cat") in ("python_function", "cpu_op", "user_annotation", *LAUNCH_CATS)
             and start <= e["ts"] < end
         ),
         key=lambda e: (e["ts"], -e.get("dur", 0)),

@@ -225,11 +225,11 @@ class _Early:
     buckets: ExpertBuckets
     """The received rows' buckets over this rank's experts, the capacity's padding rows in none."""
 
-    def rows(self, M: int, pairs: int) -> tuple[torch.Tensor, torch.Tensor, ExpertBuckets]:
-        """``(x_MH, meta_MM, buckets)`` of the call's M rows and ``pairs`` (row, expert) pairs."""
+    def rows(self, M: int, pairs: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ExpertBuckets]:
+        """``((x_MH, meta_MM), buckets)`` of the call's M rows and ``pairs`` (row, expert) pairs."""
         b = self.buckets
         buckets = ExpertBuckets(b.row_of_slot_N[:pairs], b.slot_of_row_MR[:M], b.offsets_E1)
-        return self.x_MH[:M], self.meta_MM[:M], buckets
+        return (self.x_MH[:M], self.meta_MM[:M]), buckets
 
 
 @torch.no_grad()
@@ -404,8 +404,7 @@ class PeerTransport:
             self._areas = (memory, H, M2, x_TH.dtype, _Areas.carve(memory, H, M2, x_TH.dtype))
         areas = self._areas[4]
         M, pairs = exchange.num_received, counts.recv_pairs[0]
-        x_MH, meta_MM, buckets = (None, None, None) if early is None else early.rows(M, pairs)
-        pulled = None if early is None else (x_MH, meta_MM)
+        pulled, buckets = (None, None) if early is None else early.rows(M, pairs)
         call = _Call(memory, areas, exchange, plan, backend, x_TH.dtype, pulled=pulled)
         self.pulled_early = early is not None
 

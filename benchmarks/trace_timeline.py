@@ -90,15 +90,16 @@ def host_window(
     events: list[dict], pass_name: str, after: str, until: str, min_us: float, depth: int
 ) -> list[str]:
     """The host's calls (``--with-stack`` traces: Python functions; torch ops otherwise) from the
-    end of the pass's first event named ``after`` (by default the count sync) to the launch of the
-    first kernel named ``until``, on the thread of ``after``: one line per call of at least
-    ``min_us``, indented by nesting, ``depth`` levels at most."""
+    end of the pass's first event named ``after`` (by default the count sync; the pass's own name:
+    its start) to the launch of the first kernel named ``until`` (empty: the pass's end), on the
+    thread of ``after``: one line per call of at least ``min_us``, indented by nesting, ``depth``
+    levels at most."""
     lo, hi = pass_range(events, pass_name)
     syncs = [e for e in events if e.get("name") == after and e.get("ph") == "X" and lo <= e["ts"] <= hi]
     if not syncs:
         return [f"no {after} in the pass"]
     sync = min(syncs, key=lambda e: e["ts"])
-    start, tid = sync["ts"] + sync["dur"], sync["tid"]
+    start, tid = sync["ts"] + (0 if after == pass_name else sync["dur"]), sync["tid"]
     kernels = {e["args"]["correlation"] for e in events if e.get("cat") == "kernel" and e["name"] == until}
     launches = [
         e["ts"]
@@ -117,7 +118,9 @@ def host_window(
         ),
         key=lambda e: (e["ts"], -e.get("dur", 0)),
     )
-    lines, open_ends = [f"host from {after}'s end to {until}'s launch: {end - start:.1f} µs"], []
+    since = "the pass's start" if after == pass_name else f"{after}'s end"
+    to = f"{until}'s launch" if until else "the pass's end"
+    lines, open_ends = [f"host from {since} to {to}: {end - start:.1f} µs"], []
     for e in calls:
         while open_ends and e["ts"] >= open_ends[-1]:
             open_ends.pop()
@@ -141,8 +144,16 @@ def main() -> None:
         metavar="RANK",
         help="instead: RANK's host calls from --after's end to --until's launch (host_window)",
     )
-    p.add_argument("--after", default="cudaEventSynchronize", help="with --host: where the window starts")
-    p.add_argument("--until", default="_gate_up_kernel", help="with --host: the kernel whose launch ends it")
+    p.add_argument(
+        "--after",
+        default="cudaEventSynchronize",
+        help="with --host: where the window starts (--pass's name: its start)",
+    )
+    p.add_argument(
+        "--until",
+        default="_gate_up_kernel",
+        help="with --host: the kernel whose launch ends it ('': the pass's end)",
+    )
     p.add_argument("--min-us", type=float, default=10.0)
     p.add_argument("--depth", type=int, default=12)
     args = p.parse_args()

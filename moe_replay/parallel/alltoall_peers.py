@@ -362,10 +362,20 @@ class PeerTransport:
         W = self.partition.world_size
         exchange = PeerExchange(rank=self.rank, rows=None, counts_WW3=counts_WW13.view(W, W, 3))
         x_MH, meta_MM = _pull(backend, areas, exchange, self._capacity)
-        local_of_expert_E = constant("local_of_expert_E", x_TH.device)
-        slots = self._capacity * (meta_MM.shape[1] // 2)
-        buckets = backend.received_buckets(meta_MM, local_of_expert_E, self.partition.num_local, slots)
+        slots = self._capacity * (meta_MM.shape[1] // 2)  # at most K pairs a row
+        buckets = self._buckets(meta_MM, backend, constant, slots)
         self._early = _Early(memory, areas, x_MH, meta_MM, buckets)
+
+    def _buckets(
+        self,
+        meta_MM: torch.Tensor,
+        backend: Backend,
+        constant: Callable[[str, torch.device], torch.Tensor],
+        pairs: int,
+    ) -> ExpertBuckets:
+        """The received rows' buckets over this rank's experts (``Backend.received_buckets``)."""
+        local_of_expert_E = constant("local_of_expert_E", meta_MM.device)
+        return backend.received_buckets(meta_MM, local_of_expert_E, self.partition.num_local, pairs)
 
     def __call__(
         self,
@@ -411,8 +421,7 @@ class PeerTransport:
         x_TH = align_requires_grad(x_TH, counts.any_needs_grad)  # a rank without gradients joins the backward
         x_MH, meta_MM = _PullRows.apply(call, x_TH, meta_TM)
         if buckets is None:
-            local_of_expert_E = constant("local_of_expert_E", device)
-            buckets = backend.received_buckets(meta_MM, local_of_expert_E, part.num_local, pairs)
+            buckets = self._buckets(meta_MM, backend, constant, pairs)
         early_grads: InputGradsHook | None = call.push_early if push_early else None
         to_origins = PeerRows(areas.back_rows, exchange)  # the combine writes each row home
         placeholder = experts.forward_combined(

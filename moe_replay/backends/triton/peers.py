@@ -16,8 +16,8 @@ list, and rows are taken origin by origin starting from each receiver's own (``r
   before the host has the counts, over a grid of a capacity's rows.
 
 ``push_rows`` (the backward's, next to the GEMMs) has no kernel: each origin's rows are one block,
-which ``Backend.push_rows`` copies with a copy engine, holding no SMs. The combine's variant that writes each row to its origin is ``combine.gather_sum`` with
-``PeerRows``.
+which ``Backend.push_rows`` copies with a copy engine, holding no SMs. The combine's variant that
+writes each row to its origin is ``combine.gather_sum`` with ``PeerRows``.
 """
 
 from __future__ import annotations

@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_replay.backends.base import Backend, ExpertBuckets, InputGradsHook, PeerRows, write_into
+from moe_replay.backends.base import Backend, write_into
 from moe_replay.layers.moe import MoE, MoELayer
 from moe_replay.parallel.state import keep_local_experts
 from moe_replay.quantize import WEIGHT_DTYPES, QuantizedWeight, quantize_weight
 from moe_replay.routing.route import Routing
+from moe_replay.types import ExpertBuckets, InputGradsHook, RowSink
 
 
 class QuantExperts(nn.Module):
@@ -67,12 +68,12 @@ class QuantExperts(nn.Module):
         backend: Backend,
         out_dtype: torch.dtype,
         on_input_grads: InputGradsHook | None = None,
-        out_MH: torch.Tensor | PeerRows | None = None,
+        out_MH: torch.Tensor | RowSink | None = None,
     ) -> torch.Tensor:
         """The rows combined per token, ``y_MH`` (inference only: ``on_input_grads`` is never
         called, as there is no backward; ``out_MH``: see ``Backend.expert_mlp_combine``)."""
         y_MH = backend.combine(self(x_MH, buckets, backend), buckets, weights_MR, out_dtype)
-        return write_into(y_MH, out_MH, backend)
+        return write_into(y_MH, out_MH)
 
     def extra_repr(self) -> str:
         return (
@@ -91,8 +92,8 @@ class QuantMoE(MoELayer):
 
     def __init__(self, moe: MoE, weight_dtype: str, group_size: int | None) -> None:
         cfg = moe.cfg
-        ep_group, ep_mode = (None, "allgather") if moe.ep is None else (moe.ep.group, moe.ep.mode)
-        super().__init__(cfg, moe.backend, moe.router.weight.device, ep_group, ep_mode)
+        ep_group, ep = (None, None) if moe.ep is None else (moe.ep.group, moe.ep.config)
+        super().__init__(cfg, moe.backend, moe.router.weight.device, ep_group, ep)
         self.router.load_state_dict(moe.router.state_dict())
         self.router.weight.requires_grad_(False)
         gate_up = quantize_weight(moe.experts.gate_up_proj, weight_dtype, group_size)

@@ -1,5 +1,5 @@
-"""The alltoall dispatcher's metadata (parallel/alltoall.py), against brute-force references; no
-processes needed (the dispatcher itself runs in tests/parallel/test_ep.py).
+"""The alltoall dispatcher's metadata stages (parallel/plan.py), against brute-force references;
+no processes needed (the dispatcher itself runs in tests/parallel/test_ep.py).
 
 Shape legend: W ranks, T tokens, K experts per token, M received rows, E experts, E_loc this
 rank's experts, S sent rows, P received (row, k) pairs whose expert is on this rank.
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from moe_replay.backends.registry import available_backends, get_backend
+from moe_replay.parallel import plan as ep_plan
 from moe_replay.parallel.partition import expert_offsets
 
 
@@ -69,8 +70,8 @@ def test_send_plan_matches_enumeration(
     ids_TK = _routed(T, K, E, density, gen)
     offsets = expert_offsets(E, W)
     counts_WC3 = torch.full((W, chunks, 3), 7, dtype=torch.int32)
-    plan = get_backend(backend_name, "cpu").send_plan(
-        ids_TK, torch.tensor(offsets, dtype=torch.int32), chunks, counts_WC3
+    plan = ep_plan.send_plan(
+        get_backend(backend_name, "cpu"), ids_TK, torch.tensor(offsets, dtype=torch.int32), chunks, counts_WC3
     )
 
     rank_of = [next(r for r in range(W) if offsets[r] <= e < offsets[r + 1]) for e in range(E)]
@@ -140,7 +141,8 @@ def test_received_buckets_match_enumeration(
     mine = [(m, k) for m in range(M) for k in range(K) if first <= int(ids_MK[m, k]) < end]
     P = len(mine)
 
-    buckets = get_backend(backend_name, "cpu").received_buckets(meta_MM, local_of_expert_E, E_loc, P)
+    stages = get_backend(backend_name, "cpu")
+    buckets = ep_plan.received_buckets(stages, meta_MM, local_of_expert_E, E_loc, P)
 
     # Reference: each local expert's pairs in ascending (row, k) order, experts in order.
     order = sorted(mine, key=lambda mk: (int(ids_MK[mk]) - first, mk))
@@ -157,8 +159,7 @@ def test_received_buckets_match_enumeration(
     # A capacity's padding rows (ids -1, as pull_rows' fill writes them) are no expert's: the
     # same buckets over the first M rows, no slot in the others.
     padded = torch.cat([meta_MM, torch.full((5, 2 * K), -1.0)])
-    stages = get_backend(backend_name, "cpu")
-    with_pad = stages.received_buckets(padded, local_of_expert_E, E_loc, (M + 5) * K)
+    with_pad = ep_plan.received_buckets(stages, padded, local_of_expert_E, E_loc, (M + 5) * K)
     assert with_pad.slot_of_row_MR[:M].tolist() == expected_slot
     assert (with_pad.slot_of_row_MR[M:] == -1).all()
     assert with_pad.row_of_slot_N[:P].tolist() == [m for m, _ in order]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_replay.config import MoEConfig
-from moe_replay.routing.route import Routing
+from moe_replay.types import Routing
 
 
 def _descending_order(scores_TE: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,6 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from moe_replay.backends.base import ExpertBuckets, InputGradsHook, PeerRows
 from moe_replay.backends.triton._common import (
     dot_flags,
     expert_of_tile,
@@ -55,6 +54,7 @@ from moe_replay.backends.triton._common import (
 )
 from moe_replay.backends.triton.combine import gather_sum
 from moe_replay.backends.triton.swiglu import swiglu_bwd, swiglu_grad, swiglu_weigh
+from moe_replay.types import ExpertBuckets, InputGradsHook, RowSink
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -64,14 +64,32 @@ except ImportError:  # Triton < 3.4: pointer loads only
 logger = logging.getLogger(__name__)
 
 # Whether kernels on compute capability 9.0+ load weights (and unpermuted activations) through
-# TMA descriptors. MOE_REPLAY_TRITON_TMA=0/1 overrides (a tuning switch for benchmarks).
-TMA_BY_DEFAULT = os.environ.get("MOE_REPLAY_TRITON_TMA", "1") == "1"
+# TMA descriptors: "1" (yes) or "0". None: the MOE_REPLAY_TRITON_TMA environment variable, read at
+# the first launch, default "1" (a tuning switch for benchmarks).
+TMA_BY_DEFAULT: str | None = None
 
 # Which GEMMs the backward runs: "auto" uses torch._grouped_mm (CUTLASS) for all four on compute
 # capability 9.0+ in bfloat16, where it measured faster than these kernels on every shape of
-# BENCHMARKS.md (benchmarks/RESULTS.md); "1" wherever its alignment allows (CPU included: its
-# fallback there is how CI covers that path), "0" never. A tuning switch, like the one above.
-GROUPED_MM_BACKWARD = os.environ.get("MOE_REPLAY_TRITON_GROUPED_MM", "auto")
+# benchmarks/RESULTS.md; "1" wherever its alignment allows (CPU included: its fallback there is
+# how CI covers that path), "0" never. None: the MOE_REPLAY_TRITON_GROUPED_MM environment
+# variable, read at the first backward, default "auto". A tuning switch, like the one above.
+GROUPED_MM_BACKWARD: str | None = None
+
+
+@functools.cache
+def _environment(name: str, default: str) -> str:
+    """A tuning switch's environment variable, read once, at first use (not at import)."""
+    return os.environ.get(name, default)
+
+
+def _tma_setting() -> str:
+    return TMA_BY_DEFAULT if TMA_BY_DEFAULT is not None else _environment("MOE_REPLAY_TRITON_TMA", "1")
+
+
+def _grouped_mm_setting() -> str:
+    if GROUPED_MM_BACKWARD is not None:
+        return GROUPED_MM_BACKWARD
+    return _environment("MOE_REPLAY_TRITON_GROUPED_MM", "auto")
 
 
 # fmt: off
@@ -448,7 +466,7 @@ def _descriptor(t: torch.Tensor, block: list[int], cfg: dict) -> TensorDescripto
 
 
 def _tma_default(t: torch.Tensor) -> bool:
-    return TMA_BY_DEFAULT and t.is_cuda and _capability(t.device.index)[0] >= 9
+    return _tma_setting() == "1" and t.is_cuda and _capability(t.device.index)[0] >= 9
 
 
 @functools.cache
@@ -491,13 +509,14 @@ def _grouped_mm_ok(
     x_MH: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, buckets: ExpertBuckets
 ) -> bool:
     """Whether the backward GEMMs run as ``torch._grouped_mm`` (see ``GROUPED_MM_BACKWARD``)."""
-    if GROUPED_MM_BACKWARD == "0" or not hasattr(torch, "_grouped_mm"):
+    setting = _grouped_mm_setting()
+    if setting == "0" or not hasattr(torch, "_grouped_mm"):
         return False
     # Its operands need 16-byte aligned rows; the weights are read as stored.
     aligned = all(n * x_MH.element_size() % 16 == 0 for n in (w_down.shape[1], w_down.shape[2]))
     if buckets.num_slots == 0 or not (aligned and w_gate_up.is_contiguous() and w_down.is_contiguous()):
         return False
-    if GROUPED_MM_BACKWARD == "1":
+    if setting == "1":
         return True
     return x_MH.is_cuda and x_MH.dtype == torch.bfloat16 and _capability(x_MH.device.index)[0] >= 9
 
@@ -677,7 +696,7 @@ class _ExpertMLPCombine(torch.autograd.Function):
         save = any(ctx.needs_input_grad[:4])
         y_NH, _, gu_N2I = _forward(x_MH, buckets, w_gate_up_E2IH, w_down_EHI, save)
         weights_f32 = weights_MR.float().contiguous()
-        out_MH = gather_sum(y_NH, slot_of_row_MR, weights_f32, out_dtype, out_MH)
+        out_MH = _combine_into(y_NH, slot_of_row_MR, weights_f32, out_dtype, out_MH)
         if save:
             ctx.save_for_backward(
                 x_MH,
@@ -715,6 +734,20 @@ class _ExpertMLPCombine(torch.autograd.Function):
 
         dx, dw_gate_up, dw_down, _ = _backward(dout_MH, saved, needs[:3], inputs_done)
         return dx, dw_gate_up, dw_down, dweights, None, None, None, None, None, None
+
+
+def _combine_into(
+    y_NH: torch.Tensor,
+    slot_of_row_MR: torch.Tensor,
+    weights_MR: torch.Tensor,
+    out_dtype: torch.dtype,
+    out_MH: torch.Tensor | RowSink | None,
+) -> torch.Tensor:
+    """The combine's gather-sum into ``out_MH``: a local tensor (or a new one), or a ``RowSink``
+    that stores the rows itself and returns their stand-in."""
+    if out_MH is None or isinstance(out_MH, torch.Tensor):
+        return gather_sum(y_NH, slot_of_row_MR, weights_MR, out_dtype, out_MH)
+    return out_MH.write(y_NH, slot_of_row_MR, weights_MR, out_dtype)
 
 
 def prepare_backward(grad_fn: object) -> None:
@@ -756,14 +789,14 @@ def expert_mlp_combine(
     weights_MR: torch.Tensor,
     out_dtype: torch.dtype,
     on_input_grads: InputGradsHook | None = None,
-    out_MH: torch.Tensor | PeerRows | None = None,
+    out_MH: torch.Tensor | RowSink | None = None,
 ) -> torch.Tensor:
     """``y_MH[m] = sum_r weights[m, r] * expert(x_MH[m])`` in ``out_dtype``: the local layer's path.
     ``on_input_grads``, ``out_MH``: see ``Backend.expert_mlp_combine``."""
     _check_dtypes(x_MH, w_gate_up_E2IH, w_down_EHI)
     if not needs_autograd(x_MH, w_gate_up_E2IH, w_down_EHI, weights_MR):  # inference: no graph node
         y_NH, _, _ = _forward(x_MH.contiguous(), buckets, w_gate_up_E2IH, w_down_EHI, False)
-        return gather_sum(y_NH, buckets.slot_of_row_MR, weights_MR.float().contiguous(), out_dtype, out_MH)
+        return _combine_into(y_NH, buckets.slot_of_row_MR, weights_MR.float().contiguous(), out_dtype, out_MH)
     return _ExpertMLPCombine.apply(
         x_MH.contiguous(), w_gate_up_E2IH, w_down_EHI, weights_MR,
         buckets.row_of_slot_N, buckets.slot_of_row_MR, buckets.offsets_E1, out_dtype, on_input_grads, out_MH,

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from moe_replay.backends.triton._common import needs_autograd, pow2
 from moe_replay.config import MoEConfig
-from moe_replay.routing.route import Routing
+from moe_replay.types import Routing
 
 _KNOCKED_OUT = tl.constexpr(-(2**63) + 1)  # below every packed selection key (route forward)
 

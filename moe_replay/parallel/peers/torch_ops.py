@@ -1,14 +1,16 @@
-"""The expert-parallel peer transport's stages as plain torch ops on the peers' mapped rows: the
-reference for ``Backend.pull_rows``, and ``push_rows``' one implementation
-(``moe_replay.backends.base``).
+"""The peer transport's stages as plain torch ops on the peers' mapped rows: the reference for
+``rows.pull_rows``, and ``rows.push_rows``' one implementation.
 
 Shape legend: W ranks, T this rank's tokens, M rows it receives, X a row's width."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from moe_replay.backends.base import PeerArea, PeerExchange
+if TYPE_CHECKING:
+    from moe_replay.parallel.peers.rows import PeerArea, PeerExchange
 
 
 def pull_rows(

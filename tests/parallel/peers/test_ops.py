@@ -1,19 +1,22 @@
-"""The peer transport's stages (``pull_rows``, ``push_rows``, ``expert_mlp_combine`` into
-``PeerRows``) of every backend against naive loops, in one process: W "ranks" are W tensors of
-this process, and a ``PeerArea`` holds their views and addresses as a group's symmetric memory
-would (the kernels cannot tell the difference). The transport across processes is tested in
-``tests/parallel/test_ep.py``.
+"""The peer transport's stages (parallel/peers/rows.py: ``pull_rows``, ``push_rows``, and
+``expert_mlp_combine`` into ``PeerRows``) on every backend's kernels against naive loops, in one
+process: W "ranks" are W tensors of this process, and a ``PeerArea`` holds their views and
+addresses as a group's symmetric memory would (the kernels cannot tell the difference). The
+transport across processes is tested in ``tests/parallel/test_ep.py``.
 
 Shape legend: W ranks, T a rank's tokens, M rows a rank receives, X a row's width.
 """
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from moe_replay.backends.base import PeerArea, PeerExchange, PeerRows
 from moe_replay.backends.registry import available_backends, get_backend
+from moe_replay.parallel.peers import rows as peer_rows
+from moe_replay.parallel.peers.rows import PeerArea, PeerExchange, PeerRows, push_rows
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = available_backends(DEVICE)
@@ -81,9 +84,9 @@ def test_pull_rows_reads_each_origins_tokens(
     src, tok = local_area(xs), local_area(toks)
     for me in range(W):
         exchange = exchange_of(me, rows)
-        stages = get_backend(backend, DEVICE)
-        token_M = stages.pull_rows(tok, exchange)
-        out = stages.pull_rows(src, exchange, token_M)
+        pull = functools.partial(peer_rows.pull_rows, kernels=backend == "triton")
+        token_M = pull(tok, exchange)
+        out = pull(src, exchange, token_M)
         # Receiver me's rows: each origin's places for me, origins in rank order.
         places = [(s, i) for s in range(W) for i in range(sum(rows[s][:me]), sum(rows[s][: me + 1]))]
         assert token_M.dtype == torch.int32 and token_M.tolist() == [lists[s][i].item() for s, i in places]
@@ -105,23 +108,23 @@ def test_pull_rows_at_a_capacity_counts_on_the_device(backend: str, W: int, toke
     room = max(len(lst) for lst in lists)  # every rank's area has the same rows
     toks = [torch.cat([lst, torch.zeros(room - len(lst), dtype=torch.int32)]).to(DEVICE) for lst in lists]
     src, tok = local_area(xs), local_area(toks)
-    stages = get_backend(backend, DEVICE)
+    pull = functools.partial(peer_rows.pull_rows, kernels=backend == "triton")
     for me in range(W):
         exact = exchange_of(me, rows)
         M = exact.num_received
         early = PeerExchange(rank=me, rows=None, counts_WW3=exact.counts_WW3)
-        token_M = stages.pull_rows(tok, early, None, M + 5)
-        out = stages.pull_rows(src, early, token_M, M + 5)
+        token_M = pull(tok, early, None, M + 5)
+        out = pull(src, early, token_M, M + 5)
         assert token_M.shape == (M + 5,) and out.shape == (M + 5, X)
-        assert torch.equal(token_M[:M], stages.pull_rows(tok, exact))
-        assert torch.equal(out[:M], stages.pull_rows(src, exact, stages.pull_rows(tok, exact)))
-        filled = stages.pull_rows(src, early, token_M, M + 5, fill=-1.0)  # the padding rows' value
+        assert torch.equal(token_M[:M], pull(tok, exact))
+        assert torch.equal(out[:M], pull(src, exact, pull(tok, exact)))
+        filled = pull(src, early, token_M, M + 5, fill=-1.0)  # the padding rows' value
         assert torch.equal(filled[:M], out[:M]) and (filled[M:] == -1).all()
         # Too small a capacity, or places past the areas' rows: rows undefined, no stray reads.
-        assert stages.pull_rows(src, early, token_M, max(M - 2, 1)).shape == (max(M - 2, 1), X)
+        assert pull(src, early, token_M, max(M - 2, 1)).shape == (max(M - 2, 1), X)
         short = local_area([t[: max(room // 2, 1)] for t in toks])
-        assert stages.pull_rows(short, early, None, M + 1).shape == (M + 1,)
-        assert stages.pull_rows(local_area([x[:1] for x in xs]), early, token_M, M + 1).shape == (M + 1, X)
+        assert pull(short, early, None, M + 1).shape == (M + 1,)
+        assert pull(local_area([x[:1] for x in xs]), early, token_M, M + 1).shape == (M + 1, X)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -146,7 +149,13 @@ def test_expert_mlp_combine_writes_rows_to_their_origins(backend: str, W: int, t
         weights = torch.rand(M, R, generator=gen).to(DEVICE)
         buckets = stages.dispatch(ids, E)
         placeholder = stages.expert_mlp_combine(
-            x, buckets, w_gate_up, w_down, weights, torch.float32, out_MH=PeerRows(local_area(got), exchange)
+            x,
+            buckets,
+            w_gate_up,
+            w_down,
+            weights,
+            torch.float32,
+            out_MH=PeerRows(local_area(got), exchange, backend == "triton"),
         )
         assert placeholder.shape == (M, H)
         dy = torch.randn(M, H, generator=gen).to(DEVICE)
@@ -154,7 +163,7 @@ def test_expert_mlp_combine_writes_rows_to_their_origins(backend: str, W: int, t
         y = stages.expert_mlp_combine(
             x.detach().requires_grad_(), buckets, w_gate_up, w_down, weights, torch.float32
         )
-        stages.push_rows(y.detach(), local_area(want), exchange)
+        push_rows(y.detach(), local_area(want), exchange)
         x_again = x.detach().requires_grad_()
         stages.expert_mlp_combine(x_again, buckets, w_gate_up, w_down, weights, torch.float32).backward(dy)
         assert torch.equal(x.grad, x_again.grad)
@@ -176,7 +185,7 @@ def test_push_rows_writes_each_row_to_its_origins_place(backend: str, W: int, to
         exchange = exchange_of(me, rows)
         x = torch.randn(exchange.num_received, X, generator=gen).to(DEVICE)
         pushed[me] = x
-        get_backend(backend, DEVICE).push_rows(x, dst, exchange)
+        push_rows(x, dst, exchange)
     for s in range(W):
         for d in range(W):  # origin s's places for rank d hold d's rows from s, in order
             first_place, first_row = sum(rows[s][:d]), sum(rows[q][d] for q in range(s))

@@ -1,5 +1,5 @@
 """The expert-parallel peer transport's kernels: rows read from, and written to, other ranks'
-symmetric memory (``moe_replay.parallel.peers``) with plain loads and stores (NVLink on a GPU
+symmetric memory (:mod:`.memory`) with plain loads and stores (NVLink on a GPU
 node; under ``TRITON_INTERPRET=1``, shared memory mapped into every process).
 
 Shape legend: W ranks, M rows this rank receives, X a row's width.
@@ -15,18 +15,24 @@ list, and rows are taken origin by origin starting from each receiver's own (``r
   one remote load, not two). The rows it pulls are counted on the device, so that it can run
   before the host has the counts, over a grid of a capacity's rows.
 
+* ``combine_to_peers``: the experts' combine (``PeerRows.write``), each received row's weighted sum
+  of its routed rows stored at its origin's place: the local combine's gather-sum with a remote
+  store.
+
 ``push_rows`` (the backward's, next to the GEMMs) has no kernel: each origin's rows are one block,
-which ``Backend.push_rows`` copies with a copy engine, holding no SMs. The combine's variant that
-writes each row to its origin is ``combine.gather_sum`` with ``PeerRows``.
+which ``rows.push_rows`` copies with a copy engine, holding no SMs.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-from moe_replay.backends.base import PeerArea, PeerExchange
+if TYPE_CHECKING:
+    from moe_replay.parallel.peers.rows import PeerArea, PeerExchange, PeerRows
 
 
 @triton.jit
@@ -131,3 +137,57 @@ def pull_rows(
             num_warps=PULL["num_warps"],
         )  # fmt: skip
     return out
+
+
+@triton.jit
+def _combine_to_peers_kernel(
+    src_ptr, slot_ptr, weights_ptr, out_like_ptr, peer_bases_ptr, counts_ptr, rank, M, H,
+    R: tl.constexpr, HAS_WEIGHTS: tl.constexpr, W: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """The local combine's gather-sum (``backends/triton/combine.py``), rows taken origin by
+    origin (``row_in_turn``) and each stored at its origin's place."""
+    q = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = q < M
+    rows, s, place = row_in_turn(counts_ptr, q, rank, W)
+    dst = peer_rows(peer_bases_ptr, tl.where(row_ok, s, rank), out_like_ptr)
+    rows64 = rows.to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = row_ok[:, None] & (cols < H)[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
+    for r in range(R):
+        slot = tl.load(slot_ptr + rows64 * R + r, mask=row_ok, other=-1).to(tl.int64)
+        has = slot >= 0  # -1: no routed row, adds nothing
+        v = tl.load(src_ptr + slot[:, None] * H + cols[None, :], mask=ok & has[:, None], other=0.0).to(
+            tl.float32
+        )
+        if HAS_WEIGHTS:
+            v = v * tl.load(weights_ptr + rows64 * R + r, mask=has, other=0.0)[:, None]
+        acc += v
+    at = dst[:, None] + place.to(tl.int64)[:, None] * H + cols[None, :]
+    tl.store(at, acc.to(out_like_ptr.dtype.element_ty), mask=ok)
+
+
+TO_PEERS = {"BLOCK_M": 4, "BLOCK_H": 2048, "num_warps": 8}
+"""``combine_to_peers``' tiles: rows and columns per program, as ``PULL`` reads them
+(``benchmarks/probe_peer_rows.py`` sweeps both)."""
+
+
+def combine_to_peers(
+    src_NH: torch.Tensor, slot_of_row_MR: torch.Tensor, weights_MR: torch.Tensor | None, out: PeerRows
+) -> None:
+    """``PeerRows.write`` for the triton backend (checked there)."""
+    M, R = slot_of_row_MR.shape
+    H = src_NH.shape[1]
+    if not (M and H):
+        return
+    own = out.area.views[out.exchange.rank]
+    block_h = min(triton.next_power_of_2(H), TO_PEERS["BLOCK_H"])
+    grid = (triton.cdiv(M, TO_PEERS["BLOCK_M"]), triton.cdiv(H, block_h))
+    src = src_NH.contiguous()
+    _combine_to_peers_kernel[grid](
+        src, slot_of_row_MR, weights_MR if weights_MR is not None else src, own, out.area.bases_W,
+        out.exchange.counts_WW3, out.exchange.rank, M, H, R=R, HAS_WEIGHTS=weights_MR is not None,
+        W=out.exchange.world_size, BLOCK_M=TO_PEERS["BLOCK_M"], BLOCK_H=block_h,
+        num_warps=TO_PEERS["num_warps"],
+    )  # fmt: skip

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from moe_replay.backends.base import PeerArea
 from moe_replay.parallel.collectives import group_backend
+from moe_replay.parallel.peers.rows import PeerArea
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup

@@ -1,5 +1,6 @@
-"""The ``alltoall`` dispatcher's peer transport: the same trip of each token to its experts'
-ranks and back, through symmetric memory (``moe_replay.parallel.peers``) instead of NCCL.
+"""The ``alltoall`` dispatcher's peer transport (experimental, ``EPConfig(transport="peers")``):
+the same trip of each token to its experts' ranks and back, through symmetric memory
+(:mod:`.memory`) instead of NCCL.
 
 Shape legend as in ``moe_replay.parallel.alltoall``: W ranks, T this rank's tokens, S rows of its
 send list (one per token and rank holding one of its experts), M rows it receives, H hidden,
@@ -10,7 +11,7 @@ Data movement, on each rank (every arrow a barrier of the group)::
     origin    send_plan; all-gather of the counts (every rank learns the W x W matrix); stage
               x_TH, meta_TM = [gate weights | ids] and the send list's tokens in this rank's
               symmetric rows                                                           ─► barrier
-    receiver  pull_rows: token_M, each row's token from its origin's send list; then x_MH and
+    receiver  pull_rows (:mod:`.rows`): token_M, each row's token from its origin's send list; then x_MH and
               meta_MM, read from the origins' staged rows over NVLink (the permutation and the
               transfer in one kernel each); their buckets over this rank's experts; host sync
               (the counts; on a layer's first call it comes before the barrier)
@@ -65,23 +66,32 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from moe_replay.backends.base import ExpertBuckets, PeerArea, PeerExchange, PeerRows, SendPlan
 from moe_replay.parallel.collectives import align_requires_grad, check_sent_early
-from moe_replay.parallel.peers import PeerMemory, peer_memory, row_layout
+from moe_replay.parallel.peers.memory import PeerMemory, peer_memory, row_layout, unavailable_reason
+from moe_replay.parallel.peers.rows import (
+    PeerArea,
+    PeerExchange,
+    PeerRows,
+    pull_rows,
+    push_rows,
+    uses_kernels,
+)
+from moe_replay.parallel.plan import received_buckets
+from moe_replay.parallel.transport import Counts, Delivery, Outbound
+from moe_replay.types import ExpertBuckets, SendPlan
 
 if TYPE_CHECKING:
-    from torch import nn
     from torch.distributed import ProcessGroup
 
-    from moe_replay.backends.base import Backend, InputGradsHook
-    from moe_replay.parallel.alltoall import Counts
+    from moe_replay.backends.base import Backend
+    from moe_replay.parallel.config import EPConfig
     from moe_replay.parallel.partition import ExpertPartition
 
 
@@ -156,7 +166,7 @@ class _Call:
         return self.backend.combine(area.views[self.me][:S], self.to_ranks, ones_TW, out_dtype)
 
     def push(self, dx_MH: torch.Tensor | None, dmeta_MM: torch.Tensor | None) -> None:
-        """Every received row's gradients into its origin's return rows (``Backend.push_rows``: a
+        """Every received row's gradients into its origin's return rows (``rows.push_rows``: a
         block per origin, copy engines on a GPU); the barrier after them is the caller's."""
         M = self.exchange.num_received
         for grads, area in ((dx_MH, self.areas.back_rows), (dmeta_MM, self.areas.back_meta)):
@@ -164,7 +174,7 @@ class _Call:
             # Every rank sends both, gradients or not (zeros): its origins sum what they hold.
             if grads is None:
                 grads = torch.zeros(M, own.shape[1], dtype=own.dtype, device=own.device)
-            self.backend.push_rows(grads.to(own.dtype), area, self.exchange)
+            push_rows(grads.to(own.dtype), area, self.exchange)
 
     def push_early(self, dx_MH: torch.Tensor | None, dmeta_MM: torch.Tensor | None) -> int:
         """The experts' ``on_input_grads``: the copies home on the copy stream, next to their
@@ -206,11 +216,14 @@ def _pull(
     backend: Backend, areas: _Areas, exchange: PeerExchange, capacity: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_MH, meta_MM)``: this receiver's rows from the origins' staged ones (after a barrier)."""
-    token_M = backend.pull_rows(areas.stage_tokens, exchange, None, capacity)  # rows' tokens on their origins
-    x_MH = backend.pull_rows(areas.stage_rows, exchange, token_M, capacity)
-    # A capacity's rows past M get id -1: no expert's (Backend.received_buckets).
+    kernels = uses_kernels(backend)
+    token_M = pull_rows(
+        areas.stage_tokens, exchange, None, capacity, kernels=kernels
+    )  # rows' tokens on origins
+    x_MH = pull_rows(areas.stage_rows, exchange, token_M, capacity, kernels=kernels)
+    # A capacity's rows past M get id -1: no expert's (plan.received_buckets).
     fill = None if capacity is None else -1.0
-    return x_MH, backend.pull_rows(areas.stage_meta, exchange, token_M, capacity, fill)
+    return x_MH, pull_rows(areas.stage_meta, exchange, token_M, capacity, fill, kernels=kernels)
 
 
 @dataclass(frozen=True)
@@ -308,12 +321,17 @@ class _SumPartials(torch.autograd.Function):
 
 
 class PeerTransport:
-    """The peer transport of one ``AllToAllDispatcher`` (module docstring): the areas of the
-    group's symmetric memory it last used."""
+    """``Transport`` through the group's symmetric memory (module docstring): the areas of it that
+    the layer last used."""
 
-    def __init__(self, group: ProcessGroup, partition: ExpertPartition) -> None:
+    name = "peers"
+
+    def __init__(self, group: ProcessGroup, partition: ExpertPartition, config: EPConfig) -> None:
+        if config.chunks != 1:
+            raise ValueError(f"the peers transport runs one chunk per call, chunks is {config.chunks}")
         self.group = group
         self.partition = partition
+        self.config = config
         self.rank = dist.get_rank(group)
         self._areas: tuple[PeerMemory, int, int, torch.dtype, _Areas] | None = None
         self._capacity = 0
@@ -321,110 +339,106 @@ class PeerTransport:
         self.pulled_early = False
         """Whether the last call used the rows pulled before its count sync (diagnostics)."""
 
-    def can_stage(self, x_TH: torch.Tensor, M2: int) -> bool:
-        """Whether :meth:`start` can stage ``x_TH`` (and meta rows of ``M2`` floats) in the last
-        call's areas: this rank's flag in the count exchange."""
+    def can_stage(self, x_TH: torch.Tensor, meta_width: int) -> bool:
+        """Whether :meth:`start` can stage ``x_TH`` (and meta rows of ``meta_width`` floats) in
+        the last call's areas: this rank's flag in the count exchange."""
+        reason = unavailable_reason(self.group, x_TH.device)
+        if reason is not None:
+            raise ValueError(f"transport='peers' is unavailable: {reason}")
         if self._areas is None:
             return False
         _, H, areas_M2, dtype, areas = self._areas
         fits = x_TH.shape[0] <= areas.stage_rows.views[self.rank].shape[0]
-        return fits and (H, areas_M2, dtype) == (x_TH.shape[1], M2, x_TH.dtype)
+        return fits and (H, areas_M2, dtype) == (x_TH.shape[1], meta_width, x_TH.dtype)
 
-    def start(
-        self,
-        x_TH: torch.Tensor,
-        meta_TM: torch.Tensor,
-        plan: SendPlan,
-        places: int,
-        counts_WW13: torch.Tensor,
-        backend: Backend,
-        constant: Callable[[str, torch.device], torch.Tensor],
-        stage: bool,
-    ) -> None:
+    def start(self, out: Outbound) -> _Trip:
         """Before the count sync, from a layer's second call on: stage x, meta and the send list
-        (its first ``places``, an upper bound of its length, where ``stage``: :meth:`can_stage`),
-        then the barrier, then pull this receiver's rows at a capacity (the last call's most
-        rows received by a rank, and an eighth more), their counts read on the device, and
-        bucket them over this rank's experts. So the device stages, exchanges, pulls and buckets
-        while the host waits for the counts and then works out the call; the call uses these
-        rows where every rank staged and the counts fit (``__call__``). Every rank of the group
-        runs the barrier here or none does (``_areas`` is set by every call on every rank).
-        Staging runs after the last exchange's final barrier on this stream: no rank reads these
-        rows now."""
+        (its first ``T * reach`` places, an upper bound of its length, where ``out.staged``:
+        :meth:`can_stage`), then the barrier, then pull this receiver's rows at a capacity (the
+        last call's most rows received by a rank, and an eighth more), their counts read on the
+        device, and bucket them over this rank's experts. So the device stages, exchanges, pulls
+        and buckets while the host waits for the counts and then works out the call; the call
+        uses these rows where every rank staged and the counts fit (:meth:`_Trip.send`). Every
+        rank of the group runs the barrier here or none does (``_areas`` is set by every call on
+        every rank). Staging runs after the last exchange's final barrier on this stream: no rank
+        reads these rows now."""
         self._early = None
-        if self._areas is None:
-            return
-        memory, areas = self._areas[0], self._areas[4]
-        if stage:
-            room = areas.stage_tokens.views[self.rank].shape[0]
-            _stage(areas, self.rank, x_TH, meta_TM, plan, min(places, room))
-        memory.barrier()
-        W = self.partition.world_size
-        exchange = PeerExchange(rank=self.rank, rows=None, counts_WW3=counts_WW13.view(W, W, 3))
-        x_MH, meta_MM = _pull(backend, areas, exchange, self._capacity)
-        slots = self._capacity * (meta_MM.shape[1] // 2)  # at most K pairs a row
-        buckets = self._buckets(meta_MM, backend, constant, slots)
-        self._early = _Early(memory, areas, x_MH, meta_MM, buckets)
+        if self._areas is not None:
+            memory, areas = self._areas[0], self._areas[4]
+            if out.staged:
+                room = areas.stage_tokens.views[self.rank].shape[0]
+                places = out.x_TH.shape[0] * out.reach
+                _stage(areas, self.rank, out.x_TH, out.meta_TM, out.plan, min(places, room))
+            memory.barrier()
+            W = self.partition.world_size
+            exchange = PeerExchange(rank=self.rank, rows=None, counts_WW3=out.counts_WWC3.view(W, W, 3))
+            x_MH, meta_MM = _pull(out.backend, areas, exchange, self._capacity)
+            slots = self._capacity * (meta_MM.shape[1] // 2)  # at most K pairs a row
+            buckets = received_buckets(out.backend, meta_MM, out.local_of_expert_E, out.num_local, slots)
+            self._early = _Early(memory, areas, x_MH, meta_MM, buckets)
+        return _Trip(self, out)
 
-    def _buckets(
-        self,
-        meta_MM: torch.Tensor,
-        backend: Backend,
-        constant: Callable[[str, torch.device], torch.Tensor],
-        pairs: int,
-    ) -> ExpertBuckets:
-        """The received rows' buckets over this rank's experts (``Backend.received_buckets``)."""
-        local_of_expert_E = constant("local_of_expert_E", meta_MM.device)
-        return backend.received_buckets(meta_MM, local_of_expert_E, self.partition.num_local, pairs)
 
-    def __call__(
-        self,
-        x_TH: torch.Tensor,
-        meta_TM: torch.Tensor,
-        plan: SendPlan,
-        counts: Counts,
-        counts_WW13: torch.Tensor,
-        experts: nn.Module,
-        backend: Backend,
-        constant: Callable[[str, torch.device], torch.Tensor],
-        push_early: bool,
-    ) -> torch.Tensor:
-        """``y_TH`` of the call whose send plan (one chunk), counts and their device copy
-        (``[W, W, 1, 3]``, all-gathered) the dispatcher made; ``push_early``: whether the experts'
-        backward pushes the rows' gradients before the weight gradients (only where
-        ``_PullRows``' backward will run and wait for the push: some rank's input needs a
-        gradient)."""
-        part, device, me, rows = self.partition, x_TH.device, self.rank, counts.rows
+class _Trip:
+    """One call through the peers (``Trip``): one chunk."""
+
+    def __init__(self, transport: PeerTransport, out: Outbound) -> None:
+        self.transport, self.out = transport, out
+        self.call: _Call | None = None
+        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.buckets: ExpertBuckets | None = None
+        self.placeholder: torch.Tensor | None = None
+
+    def send(self, counts: Counts) -> None:
+        """The areas for this call (grown where a rank needs more rows), the early rows where
+        they serve, else staged and pulled now."""
+        t, out = self.transport, self.out
+        x_TH, meta_TM, backend = out.x_TH, out.meta_TM, out.backend
+        part, device, me, rows = t.partition, x_TH.device, t.rank, counts.rows
         W, M2, H = part.world_size, meta_TM.shape[1], x_TH.shape[1]
-        exchange = PeerExchange(rank=me, rows=rows, counts_WW3=counts_WW13.view(W, W, 3))
+        exchange = PeerExchange(rank=me, rows=rows, counts_WW3=out.counts_WWC3.view(W, W, 3))
 
         # The rows an area needs, the most over ranks: every rank asks for the same memory.
         most_received = max(sum(r[d] for r in rows) for d in range(W))
         most = max(1, most_received, *(sum(r) for r in rows))
-        memory = peer_memory(self.group, device, row_layout(most, _Areas.row_bytes(H, M2, x_TH.dtype))[1])
-        early, self._early = self._early, None
+        memory = peer_memory(t.group, device, row_layout(most, _Areas.row_bytes(H, M2, x_TH.dtype))[1])
+        early, t._early = t._early, None
         if early is not None:  # the same on every rank: they read the same counts
             area_rows = early.areas.stage_tokens.views[me].shape[0]
-            fits = counts.staged_everywhere and most <= area_rows and most_received <= self._capacity
+            fits = counts.staged_everywhere and most <= area_rows and most_received <= t._capacity
             if not fits or memory is not early.memory:
                 early.memory.barrier()  # every rank's early pulls are done: the rows may change
                 early = None
-        self._capacity = -(-most_received * 9 // 8 // 256) * 256  # the next call's pulls
-        if self._areas is None or self._areas[:4] != (memory, H, M2, x_TH.dtype):
-            self._areas = (memory, H, M2, x_TH.dtype, _Areas.carve(memory, H, M2, x_TH.dtype))
-        areas = self._areas[4]
+        t._capacity = -(-most_received * 9 // 8 // 256) * 256  # the next call's pulls
+        if t._areas is None or t._areas[:4] != (memory, H, M2, x_TH.dtype):
+            t._areas = (memory, H, M2, x_TH.dtype, _Areas.carve(memory, H, M2, x_TH.dtype))
+        areas = t._areas[4]
         M, pairs = exchange.num_received, counts.recv_pairs[0]
         pulled, buckets = (None, None) if early is None else early.rows(M, pairs)
-        call = _Call(memory, areas, exchange, plan, backend, x_TH.dtype, pulled=pulled)
-        self.pulled_early = early is not None
+        call = _Call(memory, areas, exchange, out.plan, backend, x_TH.dtype, pulled=pulled)
+        t.pulled_early = early is not None
 
         x_TH = align_requires_grad(x_TH, counts.any_needs_grad)  # a rank without gradients joins the backward
         x_MH, meta_MM = _PullRows.apply(call, x_TH, meta_TM)
         if buckets is None:
-            buckets = self._buckets(meta_MM, backend, constant, pairs)
-        early_grads: InputGradsHook | None = call.push_early if push_early else None
-        to_origins = PeerRows(areas.back_rows, exchange)  # the combine writes each row home
-        placeholder = experts.forward_combined(
-            x_MH, buckets, meta_MM, backend, x_TH.dtype, early_grads, to_origins
-        )
-        return _SumPartials.apply(call, placeholder, placeholder.grad_fn)
+            buckets = received_buckets(backend, meta_MM, out.local_of_expert_E, out.num_local, pairs)
+        # The experts' backward pushes the rows' gradients before the weight gradients only where
+        # _PullRows' backward will run and wait for the push: some rank's input needs a gradient.
+        self.push_early = t.config.overlap_backward and counts.any_needs_grad
+        self.call, self.rows, self.buckets = call, (x_MH, meta_MM), buckets
+
+    def to_experts(self, c: int) -> Delivery:
+        assert self.call is not None and self.rows is not None and self.buckets is not None, "send() first"
+        (x_MH, meta_MM), call = self.rows, self.call
+        self.rows = None  # the call keeps no reference to its rows
+        to_origins = PeerRows(call.areas.back_rows, call.exchange, uses_kernels(call.backend))
+        early = call.push_early if self.push_early else None
+        return Delivery(x_MH, meta_MM, self.buckets, early, to_origins)
+
+    def to_origins(self, c: int, y_MH: torch.Tensor) -> None:
+        self.placeholder = y_MH  # the combine wrote the rows home: the stand-in for autograd
+
+    def gather(self) -> torch.Tensor:
+        assert self.call is not None and self.placeholder is not None, "to_origins() first"
+        placeholder, self.placeholder = self.placeholder, None
+        return _SumPartials.apply(self.call, placeholder, placeholder.grad_fn)  # type: ignore[no-any-return]

@@ -248,7 +248,7 @@ def measure(
     torch.manual_seed(seed)
     device = torch.device("cuda")
     moe = mr.MoE(cfg, backend="triton", device=device, dtype=torch.bfloat16)
-    if cfg.score_bias:
+    if moe.router.bias is not None:  # cfg.score_bias
         moe.router.bias.normal_(0, 0.01)
     graphed = graph_max_tokens >= T  # ten calls over ten routings, in a graph where capturable
     calls = GRAPH_CALLS if graphed else 1
@@ -345,8 +345,8 @@ def _measure_impl(
     r.fwdbwd_ms, timing_bwd = _time(fwdbwd, use_graph, calls)
     if timing_bwd != r.timing:
         r.notes.append(f"fwd+bwd timed {timing_bwd}")
-    for p in [*params, *xs_grad]:
-        p.grad = None
+    for t in [*params, *xs_grad]:
+        t.grad = None
     if hasattr(run, "scope"):
         run.scope.__exit__(None, None, None)
 

@@ -77,9 +77,11 @@ class Experts(nn.Module):
         num_global_experts: int | None = None,
     ) -> None:
         super().__init__()
-        kw = {"device": device, "dtype": dtype}
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
+        shape_gate_up = (num_experts, 2 * intermediate_size, hidden_size)
+        self.gate_up_proj = nn.Parameter(torch.empty(shape_gate_up, device=device, dtype=dtype))
+        self.down_proj = nn.Parameter(
+            torch.empty(num_experts, hidden_size, intermediate_size, device=device, dtype=dtype)
+        )
         self.first_expert = first_expert
         self.num_global_experts = num_experts if num_global_experts is None else num_global_experts
         self.register_load_state_dict_pre_hook(keep_local_experts)
@@ -257,6 +259,8 @@ class MoE(MoELayer):
     (sum) before the optimiser step, as data parallelism would.
     Tensors must be where the group's backend runs collectives: CPU for gloo, CUDA for NCCL.
     """
+
+    experts: Experts
 
     def __init__(
         self,

@@ -24,6 +24,11 @@ class QuantExperts(nn.Module):
     ``num_global_experts`` (as :class:`moe_replay.layers.moe.Experts`).
     """
 
+    gate_up_qweight: torch.Tensor
+    gate_up_scale: torch.Tensor
+    down_qweight: torch.Tensor
+    down_scale: torch.Tensor
+
     def __init__(
         self,
         gate_up: QuantizedWeight,
@@ -89,6 +94,8 @@ class QuantMoE(MoELayer):
     accumulated exactly, then scaled. Inference only: calling it with gradients requested (an
     input that requires grad, or a router weight set to require grad) raises ``ValueError``.
     """
+
+    experts: QuantExperts
 
     def __init__(self, moe: MoE, weight_dtype: str, group_size: int | None) -> None:
         cfg = moe.cfg

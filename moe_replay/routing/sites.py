@@ -80,6 +80,7 @@ class ReplayState:
         for a layer that flattens its input to ``[B*S]``) are matched in row-major order.
         """
         ids = self.forced_ids
+        assert ids is not None, "only a scope with forced ids has them to fit"
         traced_shape = tuple(ids.shape[:-1])
         traced = ids.numel() // self.top_k
         if traced != num_tokens or (len(traced_shape) == len(lead) and traced_shape != lead):

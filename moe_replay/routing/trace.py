@@ -335,7 +335,7 @@ class RoutingTrace(Mapping[str, torch.Tensor]):
             "top_k": str(self.top_k),
             "layers": json.dumps(self.layer_names),
             "token_shape": json.dumps(list(self._token_shape)),
-            "crc32": str(zlib.crc32(stored.numpy())),
+            "crc32": str(zlib.crc32(stored.numpy())),  # type: ignore[arg-type]  # ndarray is a Buffer
         }
         data = safetensors.torch.save({TENSOR_NAME: stored}, metadata=metadata)
         write_atomic(path, data)
@@ -454,7 +454,7 @@ def _decode(path: str, data: bytes, device: torch.device | str | None) -> Routin
         stored = safetensors.torch.load(data)[TENSOR_NAME]
     except Exception as e:  # safetensors raises its own error types; name the file
         raise bad(f"damaged safetensors file: {e}") from None
-    if zlib.crc32(stored.numpy()) != crc:
+    if zlib.crc32(stored.numpy()) != crc:  # type: ignore[arg-type]  # ndarray is a Buffer
         raise bad("damaged: the ids do not match the checksum stored in the file (crc32)")
     if len(set(layers)) != len(layers):
         raise bad(f"damaged routing trace metadata: repeated layer names in {layers}")

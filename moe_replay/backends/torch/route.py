@@ -25,6 +25,7 @@ def kept_experts(select_TE: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
     """
     T = select_TE.shape[0]
     per_group = cfg.experts_per_group
+    assert cfg.n_group is not None, "kept_experts is for group-limited routing"
     grouped_TGS = select_TE.view(T, cfg.n_group, per_group)
     group_score_TG = grouped_TGS.topk(min(2, per_group), dim=2).values.sum(dim=2)
     kept_groups = _descending_order(group_score_TG)[:, : cfg.topk_group]

@@ -36,6 +36,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -373,7 +374,7 @@ def grouped_linear(
     gather_a: bool = False,
     row_scale_N: torch.Tensor | None = None,
     tiles: dict | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``out[n] = a[src(n)] @ W_e^T`` where ``W_e[j, k] = w_E[e*s_e + j*s_n + k*s_k]`` is ``[n_out, K]``
     and ``src(n)`` is ``row_of_slot[n]`` with ``gather_a``, else ``n``.
 
@@ -493,7 +494,8 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(y_NH, h_NI, gu_N2I)``: both GEMMs of the forward."""
     h_NI, gu_N2I = gate_up_fwd(x_MH, buckets, w_gate_up, save)
-    y_NH, _, _ = grouped_linear(h_NI, buckets, w_down, w_down.stride(), w_down.shape[1])
+    s_e, s_n, s_k = w_down.stride()
+    y_NH, _, _ = grouped_linear(h_NI, buckets, w_down, (s_e, s_n, s_k), w_down.shape[1])
     return y_NH, h_NI, gu_N2I
 
 
@@ -603,13 +605,14 @@ def _kernel_grads(
     if needs_x:
         dx_NH, _, _ = grouped_linear(dgu_N2I, buckets, w_gate_up, _transposed(w_gate_up), x_MH.shape[1])
         dx = gather_sum(dx_NH, buckets.slot_of_row_MR, None, x_MH.dtype)
-    dweight_N = dweight_parts_NT.sum(1) if weighted else None
+    dweight_N = dweight_parts_NT.sum(1) if dweight_parts_NT is not None else None  # weighted
     inputs_done(dx, dweight_N)
     dw_gate_up = dw_down = None
     if needs_gate_up:
         dw_gate_up = grouped_wgrad(dgu_N2I, x_MH, buckets, False, True, w_gate_up.dtype)
     if needs_down:
         h_NI = weighted_h_NI if weighted else saved.h_NI
+        assert h_NI is not None, "the forward saved h_NI where it did not combine"
         dw_down = grouped_wgrad(dy, h_NI, buckets, weighted, False, w_down.dtype)
     return dx, dw_gate_up, dw_down, dweight_N
 
@@ -635,6 +638,7 @@ def _grouped_mm_grads(
     busy_sms = inputs_done(dx, dweight_N)
     if needs_down:
         h_NI = weighted_h_NI if weighted else saved.h_NI
+        assert h_NI is not None, "the forward saved h_NI where it did not combine"
         with _sm_carveout(busy_sms):  # next to the transfer inputs_done may have started
             dw_down = torch._grouped_mm(dy_NH.t(), h_NI, offs=offs)
     del dy_NH, weighted_h_NI
@@ -729,6 +733,7 @@ class _ExpertMLPCombine(torch.autograd.Function):
         def inputs_done(dx: torch.Tensor | None, dweight_N: torch.Tensor | None) -> int:
             nonlocal dweights
             if needs[3]:
+                assert dweight_N is not None, "a combined backward computes the weights' gradient"
                 dweights = buckets.per_read(dweight_N).to(ctx.weights_dtype)
             return 0 if ctx.on_input_grads is None else ctx.on_input_grads(dx, dweights)
 
@@ -750,18 +755,21 @@ def _combine_into(
     return out_MH.write(y_NH, slot_of_row_MR, weights_MR, out_dtype)
 
 
-def prepare_backward(grad_fn: object) -> None:
+def prepare_backward(grad_fn: Any) -> None:
     """For an ``expert_mlp_combine`` node whose backward runs on ``torch._grouped_mm`` and wants
     ``d gate_up_proj``: gather the x rows that GEMM reads now, into the node (its backward takes
     them from there). Any other node: nothing. See ``Backend.prepare_backward``."""
-    if type(grad_fn) is not _ExpertMLPCombine._backward_cls or not grad_fn.needs_input_grad[1]:
+    if type(grad_fn) is not _ExpertMLPCombine._backward_cls:
+        return
+    node: Any = grad_fn  # the attributes below are this module's own (set here, read by backward)
+    if not node.needs_input_grad[1]:
         return
     # Saved tensors unpack once under activation checkpointing (the unpack is where it recomputes):
     # the backward takes them from here too.
-    grad_fn.unpacked = grad_fn.saved_tensors
-    x_MH, w_gate_up, w_down, _, row_of_slot, slot_of_row, offsets, _ = grad_fn.unpacked
+    node.unpacked = node.saved_tensors
+    x_MH, w_gate_up, w_down, _, row_of_slot, slot_of_row, offsets, _ = node.unpacked
     if _grouped_mm_ok(x_MH, w_gate_up, w_down, ExpertBuckets(row_of_slot, slot_of_row, offsets)):
-        grad_fn.x_rows_NH = x_MH.index_select(0, row_of_slot)
+        node.x_rows_NH = x_MH.index_select(0, row_of_slot)
 
 
 def expert_mlp(

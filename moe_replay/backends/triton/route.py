@@ -237,7 +237,7 @@ def _block_t(e_pad: int) -> int:
     return max(1, min(64, 2048 // e_pad))
 
 
-def _flags(cfg: MoEConfig) -> dict:
+def _flags(cfg: MoEConfig) -> tuple[dict[str, int], dict[str, int]]:
     groups = cfg.n_group or 1
     return {
         "K": cfg.top_k,

@@ -27,7 +27,7 @@ import math
 import os
 import tempfile
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -60,8 +60,9 @@ def _typed(storage_of: torch.Tensor, offset: int, shape: tuple[int, ...], dtype:
     view of it: writes into it, differentiable or not, leave the buffer alone)."""
     item = torch.empty((), dtype=dtype).element_size()
     start = storage_of.storage_offset() * storage_of.element_size() + offset
+    strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]  # contiguous
     return torch.empty(0, dtype=dtype, device=storage_of.device).set_(
-        storage_of.untyped_storage(), start // item, shape
+        storage_of.untyped_storage(), start // item, shape, strides
     )
 
 
@@ -78,7 +79,7 @@ class PeerMemory:
         self.nbytes = nbytes
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        self._handle = None
+        self._handle: Any = None  # torch's private _SymmetricMemory on CUDA
         if device.type == "cuda":
             self._buffers = self._map_cuda()
         else:

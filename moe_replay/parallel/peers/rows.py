@@ -64,15 +64,23 @@ class PeerExchange:
         rows = tuple(tuple(r) for r in self.counts_WW3[:, :, 0].tolist())
         return PeerExchange(rank=self.rank, rows=rows, counts_WW3=self.counts_WW3)
 
+    @property
+    def host_rows(self) -> tuple[tuple[int, ...], ...]:
+        """``rows``, which the host must have read by now (``ValueError`` if not)."""
+        if self.rows is None:
+            raise ValueError("PeerExchange.rows is None: the host has not read the counts (with_host_rows)")
+        return self.rows
+
     def send_start(self, s: int, d: int) -> int:
-        return sum(self.rows[s][:d])
+        return sum(self.host_rows[s][:d])
 
     def recv_start(self, d: int, s: int) -> int:
-        return sum(self.rows[r][d] for r in range(s))
+        rows = self.host_rows
+        return sum(rows[r][d] for r in range(s))
 
     @property
     def num_sent(self) -> int:
-        return sum(self.rows[self.rank])
+        return sum(self.host_rows[self.rank])
 
     @property
     def num_received(self) -> int:
@@ -84,7 +92,7 @@ class PeerExchange:
         every receiver reads a different origin)."""
         me, W, out = self.rank, self.world_size, []
         for s in ((me + j) % W for j in range(W)):
-            n, recv, send = self.rows[s][me], self.recv_start(me, s), self.send_start(s, me)
+            n, recv, send = self.host_rows[s][me], self.recv_start(me, s), self.send_start(s, me)
             out.append((s, slice(recv, recv + n), slice(send, send + n)))
         return out
 

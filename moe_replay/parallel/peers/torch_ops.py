@@ -25,11 +25,11 @@ def pull_rows(
         own = src.views[exchange.rank]
         out = own.new_full((capacity, *own.shape[1:]), 0 if fill is None else fill)
         M, limit = exchange.num_received, own.shape[0]
-        places = [
+        reads = [
             token_M[received].long() if token_M is not None else torch.arange(p.start, p.stop)
             for _, received, p in exchange.blocks()
         ]
-        if capacity >= M and all(bool(((p >= 0) & (p < limit)).all()) for p in places):
+        if capacity >= M and all(bool(((p >= 0) & (p < limit)).all()) for p in reads):
             out[:M] = pull_rows(src, exchange, None if token_M is None else token_M[:M])
         return out
     parts = []

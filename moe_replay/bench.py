@@ -14,7 +14,7 @@ Implementations (``--impls``):
   grouped_mm    plain PyTorch: argsort -> torch._grouped_mm -> SwiGLU -> torch._grouped_mm -> index_add_
   liger         Liger-Kernel's LigerFusedMoEFunction (needs liger-kernel; LIGER_FUSED_MOE_AUTOTUNE=0)
 
-Method (BENCHMARKS.md): warm-up first (compilation excluded), CUDA-event medians through
+Method (``benchmarks/RESULTS.md``): warm-up first (compilation excluded), CUDA-event medians through
 ``triton.testing.do_bench``; for T <= 64 ten calls with ten different routings are captured in a
 CUDA graph and its replays are timed (so weights are not re-read from L2). FLOPs are 6*T*K*H*I per
 forward and three times that for forward+backward; the floor is max(FLOPs / 790e12,
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 import moe_replay as mr
 
-PEAK_FLOPS = 790e12  # bf16 dense, measured on these H100s (BENCHMARKS.md)
+PEAK_FLOPS = 790e12  # bf16 dense, measured on these H100s (benchmarks/RESULTS.md)
 PEAK_BYTES = 3.0e12  # device copy, read + write
 
 SHAPES: dict[str, dict] = {

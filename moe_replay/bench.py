@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
+import subprocess
 import time
 import traceback
 from collections.abc import Callable
@@ -91,6 +93,34 @@ def write_json(path: str | os.PathLike, data: object) -> None:
     tmp = f"{os.fspath(path)}.tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def current_commit() -> str:
+    """The short hash of the checkout being measured (``"unknown"`` outside a git checkout); a
+    ``+`` marks uncommitted changes."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        run = functools.partial(subprocess.run, cwd=root, capture_output=True, text=True, check=True)
+        commit = run(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
+        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+" if dirty else "")
+
+
+def append_records(path: str | os.PathLike, records: list[dict]) -> None:
+    """Append ``records`` to the JSON-lines file at ``path`` (one record a line; the file is
+    rewritten atomically with the old lines first, so a failed append leaves it as it was)."""
+    old = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if old and not old.endswith("\n"):
+            old += "\n"
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w") as f:
+        f.write(old + "".join(json.dumps(r) + "\n" for r in records))
     os.replace(tmp, path)
 
 
@@ -426,6 +456,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", default=None, help="write results as JSON to this path (rewritten after each case)"
     )
+    parser.add_argument(
+        "--append",
+        default=None,
+        help="at the end, append one record per result to this JSON-lines file "
+        "(benchmarks/results/bench_layer.jsonl: commit, gpu, shape, tokens, routing, impl, figures)",
+    )
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -470,6 +506,13 @@ def run_bench(args: argparse.Namespace) -> int:
                 dump()
     print()
     print_table(results)
+    if args.append:
+        commit, records = current_commit(), []
+        for r in results:
+            figures = asdict(r)
+            keys = {k: figures.pop(k) for k in ("shape", "tokens", "routing", "impl")}
+            records.append({"commit": commit, "gpu": env["device"], **keys, "figures": figures})
+        append_records(args.append, records)
     return 0
 
 

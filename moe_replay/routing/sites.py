@@ -130,23 +130,24 @@ class _Scopes:
     recorders: Mapping[RoutingSite, tuple[Recorder, ...]] = field(default_factory=dict)
 
 
-_SCOPES: ContextVar[_Scopes] = ContextVar("moe_replay_scopes", default=_Scopes())
+_NO_SCOPES = _Scopes()
+_SCOPES: ContextVar[_Scopes | None] = ContextVar("moe_replay_scopes", default=None)
 
 
 def open_scopes() -> _Scopes:
     """The scopes open in the calling thread / context."""
-    return _SCOPES.get()
+    return _SCOPES.get() or _NO_SCOPES
 
 
 def enter_replay(replays: Mapping[RoutingSite, SiteReplay]) -> object:
     """Open a replay scope over ``replays``' sites in this context; returns the token for :func:`leave`."""
-    scopes = _SCOPES.get()
+    scopes = open_scopes()
     return _SCOPES.set(_Scopes({**scopes.replays, **replays}, scopes.recorders))
 
 
 def enter_record(recorders: Mapping[RoutingSite, Recorder]) -> object:
     """Add a recorder to each site of ``recorders`` in this context; returns the token for :func:`leave`."""
-    scopes = _SCOPES.get()
+    scopes = open_scopes()
     merged = dict(scopes.recorders)
     for site, recorder in recorders.items():
         merged[site] = (*merged.get(site, ()), recorder)
@@ -238,7 +239,8 @@ def _recompute_region() -> object | None:
         code = frame.f_code
         if code is _REENTRANT_BACKWARD:
             return frame.f_locals["ctx"]
-        if code.co_name == "unpack_hook" and code.co_filename == _CHECKPOINT_FILE and "frame" in code.co_freevars:
+        non_reentrant = code.co_name == "unpack_hook" and code.co_filename == _CHECKPOINT_FILE
+        if non_reentrant and "frame" in code.co_freevars:
             return frame.f_locals["frame"]
         frame = frame.f_back
     return None
@@ -358,7 +360,7 @@ def route_at_site(
     """
     if site is None:
         return route_fn(forced_TK, validate)
-    scopes = _SCOPES.get()
+    scopes = open_scopes()
     replay = scopes.replays.get(site)
     label = replay.layer if replay is not None else (name or type(site).__name__)
     in_backward = _in_backward()

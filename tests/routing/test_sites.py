@@ -47,7 +47,10 @@ class Net(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x) if self.use_reentrant is None else checkpoint(block, x, use_reentrant=self.use_reentrant)
+            if self.use_reentrant is None:
+                x = block(x)
+            else:
+                x = checkpoint(block, x, use_reentrant=self.use_reentrant)
         return x
 
 
@@ -166,7 +169,8 @@ def test_list_of_traces_errors():
     with pytest.raises(ValueError, match=r"forward 3.*all 2 micro-batch traces"), mr.replay(net, traces):
         for x in (batch(1, B=1), batch(2, B=1), batch(3, B=1)):
             net(x)
-    with pytest.raises(ValueError, match=r"2 micro-batch traces.*'blocks\.0\.moe' ran 1"), mr.replay(net, traces):
+    partial = r"2 micro-batch traces.*'blocks\.0\.moe' ran 1"
+    with pytest.raises(ValueError, match=partial), mr.replay(net, traces):
         net(batch(1, B=1))
     with pytest.raises(ValueError, match=r"non-empty list"), mr.replay(net, []):
         pass

@@ -179,12 +179,19 @@ class MoELayer(nn.Module):
         x: torch.Tensor,
         forced_expert_ids: torch.Tensor | None = None,
         return_routing: bool = False,
+        *,
+        validate: bool | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Routing]:
         """``y [..., H]`` for ``x [..., H]``; with ``return_routing``, also the :class:`Routing` used,
         shaped ``x.shape[:-1] + (K,)``.
 
         ``forced_expert_ids`` (``[N, K]`` with ``N = x.numel() // H``, or ``[..., K]``) forces
         experts slot by slot; ``-1`` leaves a slot to the router (see :func:`moe_replay.route`).
+        ``validate`` checks them as :func:`moe_replay.route` does; the default ``None`` never
+        synchronises with the GPU (there a bad row gets NaN outputs, and the ``ValueError`` naming
+        it is raised by the next layer call of this thread or by this call's backward), so a
+        forward with forced ids costs what a router-chosen one does and can be captured in a CUDA
+        graph. ``True`` raises at once (one host synchronisation); ``False`` skips the checks.
         """
         H = self.cfg.hidden_size
         if not isinstance(x, torch.Tensor):
@@ -199,10 +206,11 @@ class MoELayer(nn.Module):
         backend = get_backend(self.backend, x.device)
         logits_TE = self.router(x_TH)
 
-        def route_fn(forced: torch.Tensor | None, validate: bool) -> Routing:
-            return route(logits_TE, self.cfg, forced, self.router.bias, validate, backend=backend.name)
+        def route_fn(forced: torch.Tensor | None, check: bool | None) -> Routing:
+            return route(logits_TE, self.cfg, forced, self.router.bias, check, backend=backend.name)
 
-        routing = route_at_site(site_of(self), route_fn, x_TH.shape[0], lead, forced_TK)
+        site = site_of(self)
+        routing = route_at_site(site, route_fn, x_TH.shape[0], lead, forced_TK, validate=validate)
         y_TH = self.dispatch_experts(x_TH, routing, self.experts, backend)
         y = y_TH.reshape(x.shape)
         return (y, routing.reshape(*lead)) if return_routing else y

@@ -50,8 +50,9 @@ from moe_replay.routing.route import Routing
 
 SITE_ATTR = "moe_replay_site"
 
-RouteFn = Callable[[torch.Tensor | None, bool], Routing]
-"""``route_fn(forced_ids_TK or None, validate)``: the layer's routing with optional forcing."""
+RouteFn = Callable[[torch.Tensor | None, bool | None], Routing]
+"""``route_fn(forced_ids_TK or None, validate)``: the layer's routing with optional forcing;
+``validate`` as in :func:`moe_replay.route` (``True``, ``False`` or ``None``: without a sync)."""
 
 Recorder = Callable[[torch.Tensor], None]
 
@@ -343,7 +344,7 @@ def route_at_site(
     lead_shape: tuple[int, ...],
     forced_TK: torch.Tensor | None = None,
     *,
-    validate: bool = True,
+    validate: bool | None = True,
     name: str | None = None,
 ) -> Routing:
     """Route ``num_tokens`` tokens at ``site``: recompute, replay, region storage and recording

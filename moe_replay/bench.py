@@ -153,9 +153,7 @@ def build_impl(impl: str, cfg: mr.MoEConfig, moe: mr.MoE, id_sets: list[torch.Te
         if impl == "triton-router":
             return lambda xs: [layer(x) for layer, x in zip(layers, xs)]
         # Forced ids checked on the device (the layer's default validate=None): no host sync.
-        return lambda xs: [
-            layer(x, forced_expert_ids=ids) for layer, x, ids in zip(layers, xs, id_sets)
-        ]
+        return lambda xs: [layer(x, forced_expert_ids=ids) for layer, x, ids in zip(layers, xs, id_sets)]
     router_w, gate_up, down = moe.router.weight, moe.experts.gate_up_proj, moe.experts.down_proj
     if impl in ("hf-eager", "hf-grouped_mm"):
         from transformers import Qwen3MoeConfig

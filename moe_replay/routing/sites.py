@@ -37,7 +37,9 @@ Shape legend: T tokens, K experts per token.
 
 from __future__ import annotations
 
+import itertools
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -57,15 +59,40 @@ RouteFn = Callable[[torch.Tensor | None, bool | None], Routing]
 Recorder = Callable[[torch.Tensor], None]
 
 
+LogitsRouteFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None, bool | None], Routing]
+"""``route_logits(logits_TE, bias_E, forced_TK, validate)``: a site's routing as a function of its
+logits, for the ``moe_replay::route_ids`` custom op (``torch.compile``)."""
+
+_site_keys = itertools.count()
+_sites_by_key: weakref.WeakValueDictionary[int, RoutingSite] = weakref.WeakValueDictionary()
+
+
 @dataclass(eq=False)
 class RoutingSite:
     """What record/replay need to know of a routing module (its scope state is in :data:`_SCOPES`).
 
-    Compared by identity: two layers with equal shapes are different sites.
+    Compared by identity: two layers with equal shapes are different sites. ``key`` names the site
+    to the ``moe_replay::route_ids`` custom op (an int, as custom ops take no Python objects); it is
+    a lookup, not a registry of layers: nothing iterates the sites or depends on their order.
     """
 
     num_experts: int
     top_k: int
+    route_logits: LogitsRouteFn | None = None
+    kind: str = "layer"
+    """The module's class name, for errors outside scopes (which know the qualified name)."""
+    key: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.key = next(_site_keys)
+        _sites_by_key[self.key] = self
+
+
+def site_by_key(key: int) -> RoutingSite:
+    site = _sites_by_key.get(key)
+    if site is None:
+        raise RuntimeError(f"routing site {key} no longer exists (its module was deleted or detached)")
+    return site
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,17 +239,18 @@ def _forward_region() -> object | None:
     """The checkpoint region the current (original) forward runs in, or ``None``.
 
     Non-reentrant checkpointing runs the region with a saved-tensor hook whose pack function
-    closes over the region's frame; reentrant checkpointing runs it under ``no_grad`` inside
+    closes over the region's frame (also inside an autograd Function's forward, e.g. a compiled
+    graph, where grad mode is off); reentrant checkpointing runs it under ``no_grad`` inside
     ``CheckpointFunction.forward``, whose ``ctx`` is the region.
     """
-    if torch.is_grad_enabled():
-        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        if hooks is None:
-            return None
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is not None:
         pack = hooks[0]
-        if getattr(pack, "__qualname__", "") != _NON_REENTRANT_PACK:
-            return None
-        return pack.__closure__[pack.__code__.co_freevars.index("frame")].cell_contents
+        if getattr(pack, "__qualname__", "") == _NON_REENTRANT_PACK:
+            return pack.__closure__[pack.__code__.co_freevars.index("frame")].cell_contents
+        return None
+    if torch.is_grad_enabled():
+        return None
     frame = sys._getframe(2)
     while frame is not None:
         if frame.f_code is _REENTRANT_FORWARD:
@@ -257,18 +285,22 @@ def _in_backward() -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def mark_site(module: nn.Module, num_experts: int, top_k: int) -> RoutingSite:
+def mark_site(
+    module: nn.Module, num_experts: int, top_k: int, route_logits: LogitsRouteFn | None = None
+) -> RoutingSite:
     """Make ``module`` a routing site that routes ``top_k`` of ``num_experts`` experts per token.
 
     The module's forward must then route through :func:`route_at_site` with the returned site
-    (or ``site_of(module)``). Marking again replaces the site. Returns the site.
+    (or ``site_of(module)``), or, under ``torch.compile``, through the ``moe_replay::route_ids``
+    custom op, which needs ``route_logits``. Marking again replaces the site. Returns the site.
     """
     for arg, value in (("num_experts", num_experts), ("top_k", top_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg} must be a positive int, got {value!r}")
     if top_k > num_experts:
         raise ValueError(f"top_k must be <= num_experts={num_experts}, got {top_k}")
-    site = RoutingSite(num_experts=num_experts, top_k=top_k)
+    kind = type(module).__name__
+    site = RoutingSite(num_experts=num_experts, top_k=top_k, route_logits=route_logits, kind=kind)
     # object.__setattr__ keeps nn.Module from treating the site as a submodule or buffer.
     object.__setattr__(module, SITE_ATTR, site)
     return site
@@ -346,6 +378,7 @@ def route_at_site(
     *,
     validate: bool | None = True,
     name: str | None = None,
+    compiled: bool = False,
 ) -> Routing:
     """Route ``num_tokens`` tokens at ``site``: recompute, replay, region storage and recording
     (module docstring).
@@ -357,20 +390,32 @@ def route_at_site(
     checks a trace against it. ``forced_TK`` are ids the caller forces itself (``[T, K]`` or
     ``None``, checked by ``route_fn`` with ``validate``); inside ``replay`` they are an error, since
     the scope decides the routing. ``name`` names the layer in errors outside scopes.
+    ``compiled``: called from the ``moe_replay::route_ids`` custom op, where a forward inside a
+    backward pass that is not a ``torch.utils.checkpoint`` recompute is always an error: it is
+    ``torch.compile`` recomputing a checkpointed region inside its own backward graph, where the
+    forward's routes cannot be found.
     ``site=None`` routes with ``route_fn(forced_TK, validate)`` unchanged.
     """
     if site is None:
         return route_fn(forced_TK, validate)
     scopes = open_scopes()
     replay = scopes.replays.get(site)
-    label = replay.layer if replay is not None else (name or type(site).__name__)
+    label = replay.layer if replay is not None else (name or f"{site.kind} (routing site {site.key})")
     in_backward = _in_backward()
     routing = None
-    if in_backward and torch.is_grad_enabled():
+    if in_backward:
         region = _recompute_region()
         if region is not None:
             stored_TK = _region_routes(region).take(site, label, num_tokens)
             routing = route_fn(stored_TK, False)
+        elif compiled:
+            raise RuntimeError(
+                f"layer {label!r}: torch.compile recomputes this layer's routing inside its backward "
+                "graph (activation checkpointing inside the compiled region), where moe_replay cannot "
+                "find the routes of the forward it repeats; checkpoint outside the compiled region "
+                "(e.g. compile each block and wrap the compiled blocks in torch.utils.checkpoint), or "
+                "compile without activation checkpointing"
+            )
         elif replay is not None:
             raise RuntimeError(
                 f"layer {label!r} ran a forward inside a backward pass under mr.replay, but not as the "

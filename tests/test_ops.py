@@ -134,3 +134,22 @@ def test_checkpointing_inside_the_compiled_graph_is_an_error_not_a_silent_rerout
         y = compiled(x, ckpt=True)
     with pytest.raises(RuntimeError, match="recomputes this layer's routing inside its backward graph"):
         y.sum().backward()
+
+
+def test_a_deep_copy_is_a_site_of_its_own_under_compile():
+    import copy
+
+    net = make_net()
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        for block in twin.blocks:
+            block.moe.router.weight.mul_(-1.0)  # the copy routes differently
+    x = inputs()
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    with mr.record(twin) as eager_routes:
+        twin(x)
+    with mr.record(compiled) as compiled_routes:
+        compiled(x)
+    with mr.record(net) as original_routes:
+        net(x)
+    assert compiled_routes == eager_routes != original_routes

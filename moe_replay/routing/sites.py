@@ -84,8 +84,16 @@ class RoutingSite:
     key: int = field(init=False)
 
     def __post_init__(self) -> None:
+        self._register()
+
+    def _register(self) -> None:
         self.key = next(_site_keys)
         _sites_by_key[self.key] = self
+
+    def __setstate__(self, state: dict) -> None:
+        # A deep copy or an unpickled model is another site: it gets its own key.
+        self.__dict__.update(state)
+        self._register()
 
 
 def site_by_key(key: int) -> RoutingSite:

@@ -138,24 +138,24 @@ def check_forced_ids(
 class DeferredCheck:
     """The verdict of a forced-id check made on the device, read later without stalling the host.
 
-    The routing kernel writes ``T - r`` for the first bad row ``r`` into ``flag_1`` (0: every row
-    is valid) and gives bad rows NaN weights, so their outputs are NaN, never plausible. The flag
-    is copied to pinned host memory behind an event; :func:`raise_deferred_errors` (called by
+    The routing kernel writes ``T - r`` for the first bad row ``r`` into a flag (0: every row is
+    valid) and gives bad rows NaN weights, so their outputs are NaN, never plausible. On a GPU the
+    flag is copied to pinned host memory behind an event; :func:`raise_deferred_errors` (called by
     every later :func:`route` in the thread) and the routing's backward read it and raise the
-    ``ValueError`` naming the row.
+    ``ValueError`` naming the row, once.
     """
 
-    def __init__(self, flag_1: torch.Tensor, forced_TK: torch.Tensor, num_experts: int, name: str) -> None:
+    def __init__(
+        self,
+        host_1: torch.Tensor,
+        event: torch.cuda.Event | None,
+        forced_TK: torch.Tensor,
+        num_experts: int,
+        name: str,
+    ) -> None:
+        self.host_1, self.event = host_1, event
         self.forced_TK, self.num_experts, self.name = forced_TK, num_experts, name
-        self.num_tokens = forced_TK.shape[0]
         self.reported = False
-        if flag_1.device.type == "cuda":
-            self.host_1 = torch.empty(1, dtype=flag_1.dtype, pin_memory=True)
-            self.host_1.copy_(flag_1, non_blocking=True)
-            self.event: torch.cuda.Event | None = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.host_1, self.event = flag_1, None
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()
@@ -163,21 +163,53 @@ class DeferredCheck:
     def raise_if_bad(self) -> None:
         """Wait for the verdict (already there unless called right after the launch) and raise,
         once: a check that has raised is done."""
+        if self.reported:
+            return
         if self.event is not None:
             self.event.synchronize()
         flag = int(self.host_1[0])
-        if flag and not self.reported:
-            self.reported = True
-            raise _bad_row_error(self.name, self.forced_TK, self.num_tokens - flag, self.num_experts)
+        self.reported = True  # the flag's slot may be reused from here on
+        if flag:
+            raise _bad_row_error(self.name, self.forced_TK, self.forced_TK.shape[0] - flag, self.num_experts)
+
+
+class _CheckSlots:
+    """Flags for :class:`DeferredCheck` on one GPU, used in turn by one thread: device flags, their
+    pinned host copies and events, allocated once (a pinned allocation per call would cost a
+    ``cudaHostAlloc``, which synchronises)."""
+
+    SIZE = 64
+
+    def __init__(self, device: torch.device) -> None:
+        self.flags = torch.zeros(self.SIZE, dtype=torch.int32, device=device)
+        self.host = torch.zeros(self.SIZE, dtype=torch.int32, pin_memory=True)
+        self.events = [torch.cuda.Event() for _ in range(self.SIZE)]
+        self.checks: list[DeferredCheck | None] = [None] * self.SIZE
+        self.next = 0
+
+    def take(self) -> int:
+        """A free slot: the oldest, whose check (``SIZE`` calls ago) is resolved first."""
+        i = self.next
+        self.next = (i + 1) % self.SIZE
+        previous = self.checks[i]
+        if previous is not None:
+            previous.raise_if_bad()
+        return i
 
 
 _pending = threading.local()
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def raise_deferred_errors() -> None:
     """Raise the first failed :class:`DeferredCheck` of this thread whose verdict has arrived (and
-    not yet raised in a backward)."""
+    not yet raised in a backward). Nothing is read while a CUDA graph is being captured."""
     pending: list[DeferredCheck] = getattr(_pending, "checks", [])
+    if not pending or _capturing():
+        return
     while pending and pending[0].ready():
         pending.pop(0).raise_if_bad()
 
@@ -240,10 +272,33 @@ def route(
 def route_checked_on_device(
     impl: Backend, logits: torch.Tensor, cfg: MoEConfig, forced_TK: torch.Tensor, bias: torch.Tensor | None
 ) -> Routing:
-    """``impl.route`` with the forced ids checked by the routing kernel (:class:`DeferredCheck`)."""
-    flag_1 = torch.zeros(1, dtype=torch.int32, device=logits.device)
-    routing = impl.route(logits, cfg, forced_TK, bias, bad_row_flag=flag_1)
-    check = DeferredCheck(flag_1, forced_TK, cfg.num_experts, "forced_expert_ids")
+    """``impl.route`` with the forced ids checked by the routing kernel (:class:`DeferredCheck`).
+
+    Inside a CUDA graph capture only the NaN weights remain: the flag is never read back.
+    """
+    device = logits.device
+    if device.type != "cuda" or _capturing():
+        flag_1 = torch.zeros(1, dtype=torch.int32, device=device)
+        routing = impl.route(logits, cfg, forced_TK, bias, bad_row_flag=flag_1)
+        if device.type == "cuda":
+            return routing
+        check = DeferredCheck(flag_1, None, forced_TK, cfg.num_experts, "forced_expert_ids")
+    else:
+        slots_by_device = getattr(_pending, "slots", None)
+        if slots_by_device is None:
+            slots_by_device = _pending.slots = {}
+        slots = slots_by_device.get(device)
+        if slots is None:
+            slots = slots_by_device[device] = _CheckSlots(device)
+        i = slots.take()
+        flag_1, host_1, event = slots.flags[i : i + 1], slots.host[i : i + 1], slots.events[i]
+        flag_1.zero_()
+        routing = impl.route(logits, cfg, forced_TK, bias, bad_row_flag=flag_1)
+        host_1.copy_(flag_1, non_blocking=True)
+        event.record()
+        check = slots.checks[i] = DeferredCheck(
+            host_1, event, forced_TK, cfg.num_experts, "forced_expert_ids"
+        )
     if not hasattr(_pending, "checks"):
         _pending.checks = []
     _pending.checks.append(check)

@@ -520,6 +520,8 @@ def test_gpu_forward_with_forced_ids_needs_no_sync_and_captures_in_a_cuda_graph(
     torch.cuda.synchronize()
     with torch.no_grad():
         y_checked = moe(x, forced_expert_ids=forced, validate=True)
+        moe(x, forced_expert_ids=forced)  # allocates the thread's pinned check flags, once
+        torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # any host synchronisation below raises
         try:
             moe(x, forced_expert_ids=forced)

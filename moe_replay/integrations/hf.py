@@ -22,11 +22,13 @@ How it hooks in, per instance (no transformers class is patched; ``detach`` undo
   ``route_tokens_to_experts`` where the router only computes logits (DBRX). It runs the model's
   own routing, finds the logits ``[T, E]``, weights ``[T, K]`` and ids ``[T, K]`` among its
   outputs (or arguments) by dtype and shape, whatever order a transformers version returns them
-  in, then :func:`moe_replay.routing.sites.route_at_site` decides the ids. Without forcing (no
-  context, ``record`` alone, a frozen first forward) those are the model's own ids and weights,
-  bitwise, so outputs are those of the unattached model. With forced ids (``replay``), ids follow
-  :func:`moe_replay.route` semantics under the router's own rule (forced slots kept, free slots
-  filled with the best remaining experts) and the weights come from the current logits;
+  in (a router that returns no logits gets them recomputed from its input and weight, in
+  float32 as it computes them), then :func:`moe_replay.routing.sites.route_at_site` decides
+  the ids. Without forcing (no context, ``record`` alone, a frozen first forward) those are the
+  model's own ids and weights, bitwise, so outputs are those of the unattached model. With
+  forced ids (``replay``), ids follow :func:`moe_replay.route` semantics under the router's own
+  rule (forced slots kept, free slots filled with the best remaining experts) and the weights
+  come from the current logits;
 * the rule (scoring, selection bias, groups, normalisation, scaling) is read from the router
   module at attach time, completed by a small per-family table for what a router does without
   saying so (:mod:`moe_replay.integrations.hf_router`, :mod:`moe_replay.integrations.hf_families`);
@@ -113,6 +115,8 @@ class _BlockState:
     """Shape of the routing (num_experts, top_k) for forced-id checks."""
     routing_call: str
     """What routes, for messages: ``'gate'``, ``'router'`` or ``'route_tokens_to_experts'``."""
+    router_name: str
+    """The block's router child: ``'gate'`` or ``'router'``."""
     own_forward: Callable[..., Any] | None
     """An instance-level forward the block had before attach (restored by detach), usually None."""
     lead_shape: tuple[int, ...] | None = None
@@ -165,7 +169,16 @@ def _is_tensor(value: object, *, floating: bool, width: int) -> bool:
     )
 
 
-def _decode(out: Any, args: tuple, kwargs: dict, rule: RouterRule, where: str) -> _Decoded:
+def _recomputed_logits(router: nn.Module, args: tuple, rule: RouterRule) -> torch.Tensor | None:
+    """The logits of a router that returns none (LongCat-Flash in transformers 5.17), computed as
+    it computes them: its float32 weight applied to its float32 input."""
+    hidden = next((a for a in args if torch.is_tensor(a) and a.shape[-1] == rule.hidden_size), None)
+    if hidden is None:
+        return None
+    return F.linear(hidden.reshape(-1, rule.hidden_size).float(), router_weight(router).float())
+
+
+def _decode(out: Any, args: tuple, kwargs: dict, rule: RouterRule, where: str, router: nn.Module) -> _Decoded:
     items = list(out) if isinstance(out, tuple) else [out]
     E, K = rule.num_experts, rule.top_k
     if rule.dense_output:  # Llama 4: (scores [T, E], zero off the top-k; logits [T, E])
@@ -186,6 +199,8 @@ def _decode(out: Any, args: tuple, kwargs: dict, rule: RouterRule, where: str) -
     logits = [items[i] for i in logits_at] or [
         t for t in (*args, *kwargs.values()) if _is_tensor(t, floating=True, width=E)
     ]
+    if not logits and len(ids_at) == 1 and len(weights_at) == 1:
+        logits = [t for t in (_recomputed_logits(router, args, rule),) if t is not None]
     if len(ids_at) != 1 or len(weights_at) != 1 or len(logits) != 1:
         import transformers
 
@@ -250,7 +265,8 @@ def _make_routing_wrapper(method: str) -> Callable[..., Any]:
         bstate.router_calls += 1
         out = _call_original(self, method, rstate.own_forward, *args, **kwargs)
         rule, cfg = bstate.rule, bstate.cfg
-        decoded = _decode(out, args, kwargs, rule, bstate.routing_call)
+        router = getattr(block, bstate.router_name)
+        decoded = _decode(out, args, kwargs, rule, bstate.routing_call, router)
         own, logits_TE = decoded.own, decoded.logits_TE
         num_tokens = own.expert_ids.shape[0]
         lead = bstate.lead_shape if bstate.lead_shape is not None else (num_tokens,)
@@ -485,7 +501,14 @@ def attach(
     for _, block, router_name, rule, cfg, method_owned in plans:
         call = _METHOD_ROUTING if method_owned else router_name
         own = block.__dict__.get("forward")
-        _install(block, _BLOCK_ATTR, _BlockState(rule, cfg, call, own), "forward", _block_forward, patched)
+        _install(
+            block,
+            _BLOCK_ATTR,
+            _BlockState(rule, cfg, call, router_name, own),
+            "forward",
+            _block_forward,
+            patched,
+        )
         owner, method = (block, _METHOD_ROUTING) if method_owned else (getattr(block, router_name), "forward")
         rstate = _RouterState(block, owner.__dict__.get(method))
         _install(owner, _ROUTER_ATTR, rstate, method, _ROUTING_WRAPPERS[method], patched)

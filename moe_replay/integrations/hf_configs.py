@@ -86,6 +86,7 @@ def _family_overrides(model_type: str, s: SmallShape, heads: int) -> dict[str, A
         return {
             "num_layers": n,
             "num_key_value_heads": heads,
+            "head_dim": _MLA["qk_rope_head_dim"],  # its rotary part: the interleaved rope spans head_dim
             **_MLA,
             "ffn_hidden_size": 48,
             "expert_ffn_hidden_size": s.expert_intermediate,

@@ -69,7 +69,7 @@ I expert intermediate.
 
 from __future__ import annotations
 
-import importlib
+import functools
 import importlib.util
 import inspect
 import types
@@ -154,7 +154,8 @@ class _Attachment:
 class _Decoded:
     """The model's own routing, and how to hand a different one back in the call's own layout."""
 
-    logits_TE: torch.Tensor
+    logits: Callable[[], torch.Tensor]
+    """The logits ``[T, E]`` (a call: recomputing them costs a matmul, only paid when routing)."""
     own: Routing
     own_weights_TK: torch.Tensor
     rebuild: Callable[[Routing], Any]
@@ -169,12 +170,13 @@ def _is_tensor(value: object, *, floating: bool, width: int) -> bool:
     )
 
 
-def _recomputed_logits(router: nn.Module, args: tuple, rule: RouterRule) -> torch.Tensor | None:
+def _router_input(args: tuple, rule: RouterRule) -> torch.Tensor | None:
+    return next((a for a in args if torch.is_tensor(a) and a.shape[-1] == rule.hidden_size), None)
+
+
+def _recomputed_logits(router: nn.Module, hidden: torch.Tensor, rule: RouterRule) -> torch.Tensor:
     """The logits of a router that returns none (LongCat-Flash in transformers 5.17), computed as
     it computes them: its float32 weight applied to its float32 input."""
-    hidden = next((a for a in args if torch.is_tensor(a) and a.shape[-1] == rule.hidden_size), None)
-    if hidden is None:
-        return None
     return F.linear(hidden.reshape(-1, rule.hidden_size).float(), router_weight(router).float())
 
 
@@ -191,7 +193,7 @@ def _decode(out: Any, args: tuple, kwargs: dict, rule: RouterRule, where: str, r
             return (torch.zeros_like(scores_TE).scatter(1, ids, weights), logits_TE)
 
         own = Routing(ids_TK.to(torch.int32), own_weights_TK)
-        return _Decoded(logits_TE, own, own_weights_TK, rebuild_dense)
+        return _Decoded(lambda: logits_TE, own, own_weights_TK, rebuild_dense)
 
     ids_at = [i for i, t in enumerate(items) if _is_tensor(t, floating=False, width=K)]
     weights_at = [i for i, t in enumerate(items) if _is_tensor(t, floating=True, width=K)]
@@ -199,9 +201,14 @@ def _decode(out: Any, args: tuple, kwargs: dict, rule: RouterRule, where: str, r
     logits = [items[i] for i in logits_at] or [
         t for t in (*args, *kwargs.values()) if _is_tensor(t, floating=True, width=E)
     ]
-    if not logits and len(ids_at) == 1 and len(weights_at) == 1:
-        logits = [t for t in (_recomputed_logits(router, args, rule),) if t is not None]
-    if len(ids_at) != 1 or len(weights_at) != 1 or len(logits) != 1:
+    hidden = _router_input(args, rule)
+    if len(logits) == 1:
+        logits_fn = functools.partial(lambda t: t, logits[0])
+    elif not logits and hidden is not None:  # a router that returns no logits
+        logits_fn = functools.partial(_recomputed_logits, router, hidden, rule)
+    else:
+        logits_fn = None
+    if len(ids_at) != 1 or len(weights_at) != 1 or logits_fn is None:
         import transformers
 
         raise RuntimeError(
@@ -217,7 +224,7 @@ def _decode(out: Any, args: tuple, kwargs: dict, rule: RouterRule, where: str, r
         new[i_ids], new[i_weights] = routing.expert_ids.to(own_ids_TK.dtype), routing.weights
         return tuple(new) if isinstance(out, tuple) else new[0]
 
-    return _Decoded(logits[0], Routing(own_ids_TK.to(torch.int32), own_weights_TK), own_weights_TK, rebuild)
+    return _Decoded(logits_fn, Routing(own_ids_TK.to(torch.int32), own_weights_TK), own_weights_TK, rebuild)
 
 
 def _describe(items: list) -> str:
@@ -267,22 +274,22 @@ def _make_routing_wrapper(method: str) -> Callable[..., Any]:
         rule, cfg = bstate.rule, bstate.cfg
         router = getattr(block, bstate.router_name)
         decoded = _decode(out, args, kwargs, rule, bstate.routing_call, router)
-        own, logits_TE = decoded.own, decoded.logits_TE
+        own = decoded.own
         num_tokens = own.expert_ids.shape[0]
         lead = bstate.lead_shape if bstate.lead_shape is not None else (num_tokens,)
 
-        def route_fn(forced_TK: torch.Tensor | None, validate: bool) -> Routing:
+        def route_fn(forced_TK: torch.Tensor | None, validate: bool | None) -> Routing:
             if forced_TK is None:
                 if not torch.is_grad_enabled():
                     return own
                 # With autograd on, route the model's own ids through the forced path anyway: a frozen
                 # replay scope's checkpoint recompute arrives with forced ids, and must save the same
                 # tensors as its forward did (torch.utils.checkpoint checks). Values stay the model's own.
-                forced_TK, validate = own.expert_ids, False
+                forced_TK = own.expert_ids  # valid, on the router's device
             else:
-                check_forced_ids(forced_TK, num_tokens, cfg, validate=validate)
-                forced_TK = forced_TK.to(logits_TE.device)
-            forced = route_with_rule(logits_TE, rule, forced_TK, rule.bias(block))
+                check_forced_ids(forced_TK, num_tokens, cfg, validate=bool(validate))
+                forced_TK = forced_TK.to(own.expert_ids.device)
+            forced = route_with_rule(decoded.logits(), rule, forced_TK, rule.bias(block))
             # Rows routed as the model would keep its own weights (Precision notes).
             agrees_T1 = (forced.expert_ids == own.expert_ids).all(dim=1, keepdim=True)
             own_weights_TK = decoded.own_weights_TK
@@ -492,9 +499,7 @@ def attach(
             hidden_size=rule.hidden_size,
             intermediate_size=int(intermediate.shape[-1]) if isinstance(intermediate, torch.Tensor) else 1,
         )
-        method_owned = _METHOD_ROUTING in vars(type(block)) or any(
-            _METHOD_ROUTING in vars(base) for base in type(block).__mro__[1:-1]
-        )
+        method_owned = callable(getattr(type(block), _METHOD_ROUTING, None))
         plans.append((name, block, router_name, rule, cfg, method_owned))
 
     patched: list[tuple[nn.Module, str, str]] = []

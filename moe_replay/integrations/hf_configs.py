@@ -175,8 +175,9 @@ def _family_overrides(model_type: str, s: SmallShape, heads: int) -> dict[str, A
 
 
 def small_config(model_type: str, shape: SmallShape | None = None) -> Any:
-    """A transformers config of ``model_type`` (a key of ``moe_replay.hf.SUPPORTED_MODEL_TYPES``,
-    or ``dbrx``'s nested layout) with ``shape``; ``ValueError`` for a type it has no recipe for."""
+    """A transformers config of ``model_type`` (a text model type of
+    ``moe_replay.hf.SUPPORTED_MODEL_TYPES``) with ``shape``; ``ValueError`` for a type the installed
+    transformers does not know."""
     import transformers
 
     s = shape or SmallShape()

@@ -65,7 +65,8 @@ class RouterRule:
         value: object = block
         for part in self.bias_path:
             value = getattr(value, part)
-        assert isinstance(value, torch.Tensor)
+        if not isinstance(value, torch.Tensor):  # replaced after attach
+            raise TypeError(f"{'.'.join(self.bias_path)} must be a tensor, got {type(value).__name__}")
         return value.reshape(self.num_experts)
 
 

@@ -283,6 +283,48 @@ def test_moe_replay_experts_or_a_clear_error(model_type: str) -> None:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
+TINY_VISION = {  # the keys each wrapper's vision config reads, all tiny
+    "depth": 1,
+    "num_hidden_layers": 1,
+    "hidden_size": 16,
+    "intermediate_size": 16,
+    "num_heads": 2,
+    "num_attention_heads": 2,
+    "out_hidden_size": SHAPE.hidden,
+    "vision_output_dim": SHAPE.hidden,
+    "projector_input_dim": SHAPE.hidden,
+    "projector_output_dim": SHAPE.hidden,
+    "patch_size": 2,
+    "image_size": 8,
+    "num_position_embeddings": 16,
+}
+
+
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+def test_vision_language_wrapper_routes_its_text_blocks(wrapper: str) -> None:
+    _require(wrapper)
+    text = small_config(WRAPPERS[wrapper], SHAPE).to_dict()
+    config = transformers.AutoConfig.for_model(wrapper, text_config=text, vision_config=TINY_VISION)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(config).float().eval()
+    x = tokens()
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    names = mr.hf.attach(model)
+    assert names and all("language_model" in name for name in names)  # vision towers route nothing
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, ref)
+        with mr.record(model) as trace:
+            model(input_ids=x)
+        with mr.replay(model, free_trace(trace)), mr.record(model) as free:
+            torch.testing.assert_close(model(input_ids=x).logits, ref, rtol=1e-4, atol=1e-5)
+    assert trace.layer_names == names
+    for name in names:
+        assert torch.equal(as_sets(free[name]), as_sets(trace[name])), name
+    mr.hf.detach(model)
+    assert not blocks(model)
+
+
 def test_every_family_has_a_tested_model() -> None:
     assert set(TESTED) | set(WRAPPERS) == set(mr.hf.SUPPORTED_MODEL_TYPES)
     assert all(text in TESTED for text in WRAPPERS.values())

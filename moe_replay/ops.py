@@ -45,14 +45,20 @@ def route_ids(
     site_key: int,
     lead_shape: Sequence[int],
     validate: int,
+    own_TK: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The ids ``[T, K]`` (int32) the routing site ``site_key`` uses for this forward."""
+    """The ids ``[T, K]`` (int32) the routing site ``site_key`` uses for this forward.
+
+    ``own_TK``: the model's own ids (an attached Hugging Face router's), used where nothing forces
+    the routing, so that outside scopes the model routes exactly as it would unattached."""
     site = site_by_key(site_key)
     route = site.route_logits
     if route is None:
         raise RuntimeError(f"routing site {site_key} cannot be compiled: it has no route_logits")
 
     def route_fn(forced: torch.Tensor | None, check: bool | None):  # type: ignore[no-untyped-def]
+        if forced is None and own_TK is not None:
+            forced, check = own_TK, False
         return route(logits_TE, bias_E, forced, check)
 
     lead = tuple(lead_shape)
@@ -64,7 +70,7 @@ def route_ids(
 
 
 @route_ids.register_fake
-def _(logits_TE, bias_E, forced_TK, site_key, lead_shape, validate):  # type: ignore[no-untyped-def]
+def _(logits_TE, bias_E, forced_TK, site_key, lead_shape, validate, own_TK=None):  # type: ignore[no-untyped-def]
     return logits_TE.new_empty(logits_TE.shape[0], site_by_key(site_key).top_k, dtype=torch.int32)
 
 

@@ -81,10 +81,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_replay import ops
 from moe_replay.backends.registry import get_backend, registered_backends
 from moe_replay.config import MoEConfig
 from moe_replay.integrations.hf_families import FAMILIES, UNSUPPORTED, Family
-from moe_replay.integrations.hf_router import RouterRule, recognise, route_with_rule, router_weight
+from moe_replay.integrations.hf_router import (
+    RouterRule,
+    gate_weights,
+    recognise,
+    route_with_rule,
+    router_weight,
+)
 from moe_replay.routing.route import Routing, check_forced_ids
 from moe_replay.routing.sites import mark_site, route_at_site, site_of, unmark_site
 from moe_replay.routing.trace import RoutingTrace
@@ -278,6 +285,9 @@ def _make_routing_wrapper(method: str) -> Callable[..., Any]:
         num_tokens = own.expert_ids.shape[0]
         lead = bstate.lead_shape if bstate.lead_shape is not None else (num_tokens,)
 
+        if torch.compiler.is_compiling():
+            return decoded.rebuild(_compiled_routing(block, bstate, decoded, lead))
+
         def route_fn(forced_TK: torch.Tensor | None, validate: bool | None) -> Routing:
             if forced_TK is None:
                 if not torch.is_grad_enabled():
@@ -305,6 +315,40 @@ def _make_routing_wrapper(method: str) -> Callable[..., Any]:
     return routing_call
 
 
+def _compiled_routing(
+    block: nn.Module, bstate: _BlockState, decoded: _Decoded, lead: tuple[int, ...]
+) -> Routing:
+    """The routing as ``torch.compile`` traces it: ids from the ``moe_replay::route_ids`` custom op
+    (the site's logic, run eagerly), weights traced from the logits (the model's own where the
+    row's ids are its own, as in the eager path)."""
+    site = site_of(block)
+    assert site is not None  # attached
+    rule, own = bstate.rule, decoded.own
+    logits_TE = decoded.logits()
+    ids_TK = ops.route_ids(
+        logits_TE.detach(), rule.bias(block), None, site.key, list(lead), 1, own.expert_ids
+    )
+    agrees_T1 = (ids_TK == own.expert_ids).all(dim=1, keepdim=True)
+    own_weights_TK = decoded.own_weights_TK
+    weights_TK = gate_weights(logits_TE, ids_TK.long(), rule).to(own_weights_TK.dtype)
+    return Routing(ids_TK, torch.where(agrees_T1, own_weights_TK, weights_TK))
+
+
+def _route_logits(
+    rule: RouterRule,
+    cfg: MoEConfig,
+    logits_TE: torch.Tensor,
+    bias_E: torch.Tensor | None,
+    forced_TK: torch.Tensor | None,
+    validate: bool | None,
+) -> Routing:
+    """A block's routing as a function of its logits (the site's ``route_logits``, for compile)."""
+    if forced_TK is not None:
+        check_forced_ids(forced_TK, logits_TE.shape[0], cfg, validate=bool(validate))
+        forced_TK = forced_TK.to(logits_TE.device)
+    return route_with_rule(logits_TE, rule, forced_TK, bias_E)
+
+
 _ROUTING_WRAPPERS = {name: _make_routing_wrapper(name) for name in ("forward", _METHOD_ROUTING)}
 
 
@@ -315,6 +359,10 @@ def _experts_forward(
     dispatch, then experts + combine (fused where the backend fuses them), on the model's own
     ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``."""
     state: _ExpertsState = getattr(self, _EXPERTS_ATTR)
+    if torch.compiler.is_compiling():
+        ids_TK = top_k_index.to(torch.int32)
+        gate_up, down = self.gate_up_proj, self.down_proj
+        return ops.experts(hidden_states, ids_TK, top_k_weights, gate_up, down, state.backend or "")
     backend = get_backend(state.backend, hidden_states.device)
     buckets = backend.dispatch(top_k_index.to(torch.int32), self.gate_up_proj.shape[0])
     return backend.expert_mlp_combine(
@@ -520,7 +568,8 @@ def attach(
         if experts == "moe_replay":
             state = _ExpertsState(backend, block.experts.__dict__.get("forward"))
             _install(block.experts, _EXPERTS_ATTR, state, "forward", _experts_forward, patched)
-        mark_site(block, cfg.num_experts, cfg.top_k)
+        rule = getattr(block, _BLOCK_ATTR).rule
+        mark_site(block, cfg.num_experts, cfg.top_k, route_logits=functools.partial(_route_logits, rule, cfg))
     names = [name for name, *_ in plans]
     object.__setattr__(model, _MODEL_ATTR, _Attachment(names, patched))
     return names

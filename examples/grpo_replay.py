@@ -30,7 +30,7 @@ An RL step of an MoE language model, end to end, small enough to run in seconds:
 
 Run it either way (2 processes by default; it exits non-zero if a check fails)::
 
-    python examples/grpo_replay.py                       # spawns the processes itself
+    python examples/grpo_replay.py                       # starts the processes itself
     torchrun --nproc-per-node 2 examples/grpo_replay.py  # or under torchrun (gloo, env://)
 
 Shape legend: Q prompts, G completions per prompt (the group), B = Q * G sequences, P padded
@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--greedy",
         action="store_true",
         help="greedy rollout instead of sampling (a group's completions are then equal: zero advantages)",
+    )
+    run.add_argument(
+        "--reentrant", action="store_true", help="reentrant activation checkpointing (default: non-reentrant)"
     )
     run.add_argument("--router-noise", type=float, default=0.05, help="router perturbation, x its std")
     run.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
@@ -158,12 +161,13 @@ def nudge_routers(model: torch.nn.Module, args: argparse.Namespace) -> None:
             router.weight.add_(args.router_noise * router.weight.std() * torch.randn_like(router.weight))
 
 
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+def enable_activation_checkpointing(model: torch.nn.Module, reentrant: bool) -> None:
+    """Hugging Face activation checkpointing of every decoder layer (``torch.utils.checkpoint``)."""
     # transformers >= 5.24 names it activation_checkpointing_enable (the old name still works, with
-    # a FutureWarning); earlier 5.x only gradient_checkpointing_enable. Non-reentrant checkpointing
-    # is what FSDP2 supports; moe_replay handles reentrant too.
+    # a FutureWarning); earlier 5.x only gradient_checkpointing_enable. moe_replay finds the routes
+    # of a recompute through the checkpoint region either way, reentrant or not.
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": False})
+    enable({"use_reentrant": reentrant})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +327,7 @@ def train(args: argparse.Namespace, rank: int, world: int, out: str) -> None:
 
     # FSDP2: each decoder layer is one unit (all-gathered for its forward and again for its
     # recompute in backward), the root takes the rest (embeddings, final norm, LM head).
-    enable_activation_checkpointing(model)
+    enable_activation_checkpointing(model, args.reentrant)
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
@@ -431,7 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="grpo_replay_") as tmp:
         init_method = "file://" + os.path.join(tmp, "rendezvous")
         out = args.out if args.out is not None else tmp
-        mp.spawn(worker, args=(args.world_size, init_method, args, out), nprocs=args.world_size)
+        # fork where there is one: the children inherit the imported torch and transformers instead
+        # of importing them again (seconds per process on a small machine).
+        start_method = "fork" if sys.platform == "linux" else "spawn"
+        worker_args = (args.world_size, init_method, args, out)
+        mp.start_processes(worker, args=worker_args, nprocs=args.world_size, start_method=start_method)
     return 0
 
 

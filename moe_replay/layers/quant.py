@@ -142,6 +142,8 @@ class QuantMoE(MoELayer):
         x: torch.Tensor,
         forced_expert_ids: torch.Tensor | None = None,
         return_routing: bool = False,
+        *,
+        validate: bool | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Routing]:
         if torch.is_grad_enabled() and (
             (isinstance(x, torch.Tensor) and x.requires_grad) or self.router.weight.requires_grad
@@ -155,4 +157,4 @@ class QuantMoE(MoELayer):
                 )
                 + "; run it under torch.no_grad() or use moe_replay.MoE for training"
             )
-        return super().forward(x, forced_expert_ids, return_routing)
+        return super().forward(x, forced_expert_ids, return_routing, validate=validate)

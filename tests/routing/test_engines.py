@@ -143,13 +143,13 @@ def test_vllm_http_npy_base64_and_mapping_forms():
         {"routed_experts": array},
     ):
         assert torch.equal(engines.vllm_routes(form), expected)
-    with pytest.raises(ValueError, match="not of a .npy file.*use sglang_routes"):
+    with pytest.raises(ValueError, match=r"not of a .npy file.*use sglang_routes"):
         engines.vllm_routes(b64(ids))  # SGLang's raw int32 form
     buf = io.BytesIO()
     np.save(buf, np.array([object()] * 4, dtype=object).reshape(1, 2, 2), allow_pickle=True)
-    with pytest.raises(ValueError, match="damaged .npy file"):  # pickled objects are never loaded
+    with pytest.raises(ValueError, match=r"damaged .npy file"):  # pickled objects are never loaded
         engines.vllm_routes(base64.b64encode(buf.getvalue()))
-    with pytest.raises(ValueError, match="damaged .npy file"):
+    with pytest.raises(ValueError, match=r"damaged .npy file"):
         engines.vllm_routes(npy_b64(array)[:-12])
     with pytest.raises(ValueError, match="enable_return_routed_experts=True"):
         engines.vllm_routes({"text": "hi"})

@@ -411,3 +411,26 @@ def test_mtp_layers_after_the_decoder_are_dropped_unless_named():
         moe_layer_indices=[0, 1, 2, 3, 4],
     )
     assert torch.equal(with_mtp["mtp.0.mlp"][0], ids[:, 4])
+
+
+@pytest.mark.parametrize(
+    "decoder",
+    [
+        "stdlib",
+        pytest.param(
+            "pybase64",
+            marks=pytest.mark.skipif(
+                engines._fast_b64 is None, reason="the engines extra (pybase64) is not installed"
+            ),
+        ),
+    ],
+)
+def test_both_base64_decoders_accept_and_refuse_the_same_payloads(decoder, monkeypatch):
+    if decoder == "stdlib":
+        monkeypatch.setattr(engines, "_fast_b64", None)
+    ids = engine_ids(4, 3)
+    routes = engines.sglang_routes(b64(ids), num_tokens=5, num_layers=3, top_k=K)
+    assert torch.equal(routes[:4], ids)
+    for bad in ("***", b64(ids)[:-1], b64(ids) + "\n", "é" * 8):
+        with pytest.raises(ValueError, match="not valid base64"):
+            engines.sglang_routes(bad, num_tokens=5, num_layers=3, top_k=K)

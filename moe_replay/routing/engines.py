@@ -87,6 +87,11 @@ def _check_ids_range(ids: np.ndarray, num_experts: int | None, what: str) -> Non
     if ids.size == 0:
         return
     hi_limit = num_experts if num_experts is not None else 2**31
+    # One pass instead of two for what engines send (ids in [0, E), no -1): every value lies in
+    # [0, OR of all values] when that OR is non-negative (a negative value sets the sign bit).
+    acc = int(np.bitwise_or.reduce(ids, axis=None))
+    if 0 <= acc < hi_limit:
+        return
     lo, hi = int(ids.min()), int(ids.max())
     if lo >= -1 and hi < hi_limit:
         return
@@ -472,7 +477,12 @@ def batch_trace(
             if not 1 <= K <= num_experts:
                 raise ValueError(f"sequences[{b}] has top_k={K}, expected 1 .. num_experts={num_experts}")
             shape = (sum(lengths),) if packed else (B, seq_len)
-            out = np.full((*shape, len(mapping), K), -1, dtype=dtype)
+            # Packed: every row is written below, so no fill pass (it cost 0.8 s per 600 MB here).
+            out = (
+                np.empty((*shape, len(mapping), K), dtype=dtype)
+                if packed
+                else np.full((*shape, len(mapping), K), -1, dtype=dtype)
+            )
         elif (L, K) != (L0, K0):
             raise ValueError(f"sequences[{b}] has {L} layers x top_k {K}, sequences[0] has {L0} x {K0}")
         kept = ids[:, select]

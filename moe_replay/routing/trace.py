@@ -468,7 +468,7 @@ class RoutingTrace(Mapping[str, torch.Tensor]):
     def to(self, device: torch.device | str) -> RoutingTrace:
         """The same trace with ids on ``device`` (``self`` when nothing moves). ``cu_seqlens``
         stays on the CPU."""
-        device = torch.device(device)
+        device = _check_device(device)
         if all(ids.device == device for ids in self._layers.values()):
             return self
         return self._map_tokens(lambda ids: ids.to(device), self._cu_seqlens)
@@ -915,6 +915,8 @@ class RoutingTrace(Mapping[str, torch.Tensor]):
         docstring). A missing file is ``FileNotFoundError``.
         """
         path = _check_path(path)
+        if device is not None:
+            device = _check_device(device)
         trace = _read_trace(path)
         return trace if device is None else trace.to(device)
 
@@ -922,6 +924,17 @@ class RoutingTrace(Mapping[str, torch.Tensor]):
 # --------------------------------------------------------------------------------------------
 # helpers of the layout operations
 # --------------------------------------------------------------------------------------------
+
+
+def _check_device(device: object) -> torch.device:
+    if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
+        raise TypeError(
+            f"device must be a str, int or torch.device, got {type(device).__name__} {device!r:.40}"
+        )
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r:.40} is not a device: {e}") from None
 
 
 def _check_rank(rank: int, world_size: int) -> None:

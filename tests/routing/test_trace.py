@@ -135,6 +135,12 @@ def test_to_tensor_of_an_empty_trace_is_an_error():
 def test_to_device():
     trace = make_trace()
     assert trace.to("cpu") is trace
+    with pytest.raises(ValueError, match="device 'gpu0' is not a device"):
+        trace.to("gpu0")
+    with pytest.raises(ValueError, match="device -1 is not a device"):
+        trace.to(-1)
+    with pytest.raises(TypeError, match=r"device must be a str, int or torch\.device, got float"):
+        trace.to(1.5)
     moved = trace.to("meta")
     assert moved.device == torch.device("meta") and moved.token_shape == trace.token_shape
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -434,3 +436,20 @@ def test_both_base64_decoders_accept_and_refuse_the_same_payloads(decoder, monke
     for bad in ("***", b64(ids)[:-1], b64(ids) + "\n", "é" * 8):
         with pytest.raises(ValueError, match="not valid base64"):
             engines.sglang_routes(bad, num_tokens=5, num_layers=3, top_k=K)
+
+
+def test_the_readme_engine_examples_run(tmp_path, monkeypatch, capsys):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Engine adapters") :]
+    section = section[: section.index("\n## ", 1)]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 3  # SGLang, vLLM, RL frameworks
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "RoutingTrace(layers=2, token_shape=[2, 8], top_k=2, num_experts=8)",
+        "[5, 7] [0, 5, 12]",
+        "[[[1, 5], [2, 3], [-1, -1], [-1, -1]]]",
+    ]

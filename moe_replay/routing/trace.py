@@ -273,6 +273,7 @@ class RoutingTrace(Mapping[str, torch.Tensor]):
         self._layers = {name: ids for (name, _), ids in zip(named, compact)}
         self._token_shape = token_shape or ()
         self._cu_seqlens = None
+        self._tokens: torch.Tensor | None = None
 
     def _set_cu_seqlens(self, cu_seqlens: torch.Tensor) -> None:
         if len(self._token_shape) != 1:
@@ -297,6 +298,7 @@ class RoutingTrace(Mapping[str, torch.Tensor]):
         trace._layers = {name: ids.select(-2, l) for l, name in enumerate(names)}
         trace._token_shape = tuple(ids.shape[:-2]) if names else ()
         trace._cu_seqlens = None
+        trace._tokens = ids if names else None
         if cu_seqlens is not None:
             trace._set_cu_seqlens(cu_seqlens)
         return trace
@@ -417,27 +419,7 @@ class RoutingTrace(Mapping[str, torch.Tensor]):
     def _tokens_first(self) -> torch.Tensor | None:
         """The contiguous ``[*token_shape, L, K]`` tensor whose slices are this trace's layers, if
         the layers are such views (engine adapters, ``from_tensor``, ``load``); else ``None``."""
-        layers = list(self._layers.values())
-        if not layers or self.num_tokens == 0:
-            return None
-        base = layers[0]._base
-        K = self.top_k
-        if (
-            base is None
-            or tuple(base.shape) != (*self._token_shape, len(layers), K)
-            or base.dtype != self.dtype
-            or not base.is_contiguous()
-        ):
-            return None
-        strides = (*base.stride()[:-2], 1)
-        for l, ids in enumerate(layers):
-            if (
-                ids._base is not base
-                or ids.stride() != strides
-                or ids.storage_offset() != base.storage_offset() + l * K
-            ):
-                return None
-        return base
+        return self._tokens
 
     def _map_tokens(self, fn, cu_seqlens: torch.Tensor | None = None) -> RoutingTrace:
         """Apply ``fn`` (an op on the leading token axes) to every layer, or once to the

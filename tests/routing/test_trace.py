@@ -850,3 +850,20 @@ def test_saving_over_a_file_keeps_its_mode_and_follows_a_symlink(tmp_path):
 def test_bad_paths_name_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call(make_trace())
+
+
+def test_row_operations_keep_one_token_major_tensor(tmp_path):
+    trace = mr.RoutingTrace.from_tensor(
+        torch.stack(list(make_trace(token_shape=(5, 6)).values()), -2), ["a", "b", "c"], 8
+    )
+    piece = trace.split([2, 3])[1]  # a view of rows 2..4, still one [3, 6, L, K] tensor
+    assert piece.to_tensor().data_ptr() == trace.to_tensor()[12:].data_ptr()
+    for derived in (
+        piece,
+        trace[[4, 0]],
+        trace.cp_shard(1, 2, zigzag=True),
+        trace.pack(torch.ones(5, 6, dtype=torch.bool)),
+    ):
+        derived.save(tmp_path / "d.safetensors")
+        assert safetensors.safe_open(tmp_path / "d.safetensors", "pt").metadata()["layout"] == "tokens_first"
+        assert mr.RoutingTrace.load(tmp_path / "d.safetensors") == derived

@@ -306,12 +306,16 @@ class RoutingTrace(Mapping[str, torch.Tensor]):
     # ----- Mapping ---------------------------------------------------------------------------
 
     def __getitem__(self, key):  # str -> ids; rows (list, tensor, slice) -> RoutingTrace
-        """``trace[name]``: a layer's ids. ``trace[rows]`` with a list or tensor of row indices, a
-        boolean mask or a slice: :meth:`select` along the rows (batch axis, or sequences)."""
+        """``trace[name]``: a layer's ids. ``trace[rows]`` with a list or tensor of row indices or a
+        boolean mask: :meth:`select` along the rows (batch axis, or sequences). ``trace[a:b]``:
+        :meth:`slice` (views; bounds default to the whole axis and are never clamped, no step)."""
         if isinstance(key, str):
             return self._layers[key]
         if isinstance(key, slice):
-            return self.select(range(self.num_rows)[key])
+            if key.step not in (None, 1):
+                raise ValueError(f"a trace slice takes no step, got {key}; use select() for other rows")
+            start = 0 if key.start is None else key.start
+            return self.slice(start, self.num_rows if key.stop is None else key.stop)
         if isinstance(key, (list, tuple, range, torch.Tensor, np.ndarray)):
             return self.select(key)
         raise TypeError(

@@ -483,7 +483,11 @@ def test_select_rows_by_index_list_tensor_and_mask():
     assert all(torch.equal(picked[n], trace[n][[0, 2]]) for n in trace)
     assert trace[[-1, 0, 0]].token_shape == (3, 6)  # negatives from the end, repeats allowed
     assert torch.equal(trace[[-1, 0, 0]]["layers.0.mlp"][0], trace["layers.0.mlp"][4])
-    assert trace[1:4] == trace.slice(1, 4)
+    assert trace[1:4] == trace.slice(1, 4) and trace[3:] == trace.slice(3, 5) and trace[:] == trace
+    with pytest.raises(ValueError, match=r"slice \[1:9\] is outside token axis 0 of size 5"):
+        trace[1:9]  # never clamped
+    with pytest.raises(ValueError, match="takes no step"):
+        trace[::2]
     assert trace.select([1, 3], dim=1) == mr.RoutingTrace(
         {n: ids[:, [1, 3]] for n, ids in trace.items()}, num_experts=8, top_k=2
     )

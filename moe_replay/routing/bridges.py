@@ -68,9 +68,9 @@ def _fill_row(fill: str, top_k: int, num_experts: int, dtype: torch.dtype) -> to
     return None
 
 
-def _is_fill(ids_TLK: torch.Tensor, fill_K: torch.Tensor) -> torch.Tensor:
-    """``[T, L]``: whether each row equals the fill."""
-    return (ids_TLK == fill_K.to(ids_TLK.device, ids_TLK.dtype)).all(dim=-1)
+def _is_fill(ids_TK: torch.Tensor, fill_K: torch.Tensor) -> torch.Tensor:
+    """``[T]``: whether each row equals the fill."""
+    return (ids_TK == fill_K.to(ids_TK.device, ids_TK.dtype)).all(dim=-1)
 
 
 def from_routed_experts(
@@ -157,32 +157,37 @@ def from_routed_experts(
             "fill='zeros' with top_k=1 cannot tell fill from expert 0; pass fill='none' (the mask decides)"
         )
     mapping = engine_layer_map(layers, L, moe_layer_indices)
-    idx = torch.tensor(list(mapping), dtype=torch.int64)
-    kept_TLK = ids.index_select(1, idx.to(ids.device))  # [T, L_moe, K], source dtype
-    device = kept_TLK.device
+    device = ids.device
     valid_T, last_T = valid_T.to(device), last_T.to(device)
-    fill_K = _fill_row(fill, K, num_experts, kept_TLK.dtype)
-
-    unrouted_TL = (~valid_T)[:, None].expand(-1, len(mapping))
-    if fill_K is not None:
-        is_fill_TL = _is_fill(kept_TLK, fill_K)
-        wrong = unrouted_TL & ~is_fill_TL
-        if bool(wrong.any()):
-            t, l = wrong.nonzero()[0].tolist()
-            where = f"position {divmod(t, token_shape[1])}" if len(token_shape) == 2 else f"token {t}"
-            raise ValueError(
-                f"routed_experts at {where}, layer {list(mapping.values())[l]!r} is padding in "
-                f"attention_mask but holds {kept_TLK[t, l].tolist()}, not the {fill!r} fill "
-                f"{fill_K.tolist()}: the mask and the tensor disagree (left against right padding?)"
-            )
-        if fill == "zeros":
-            unrouted_TL = unrouted_TL | is_fill_TL
-    if not last_token_routed:
-        unrouted_TL = unrouted_TL | last_T[:, None]
-    named = [(name, kept_TLK[:, j][~unrouted_TL[:, j]]) for j, name in enumerate(mapping.values())]
-    _check_range(named, num_experts, K)  # before narrowing: out-of-range ids are errors, never wrapped
-    out_TLK = kept_TLK.to(compact_dtype(num_experts)).masked_fill_(unrouted_TL[..., None], -1)
-    out = out_TLK.reshape(*token_shape, len(mapping), K).contiguous()
+    fill_K = _fill_row(fill, K, num_experts, torch.int64)
+    # Layer by layer, straight into the compact token-major result: the framework's tensor is
+    # often int64 and large (tens of GB), so no copy of it, nor a [T, L, K] temporary, is made.
+    out_TLK = torch.empty((ids.shape[0], len(mapping), K), dtype=compact_dtype(num_experts), device=device)
+    for j, (l, name) in enumerate(mapping.items()):
+        src_TK = ids[:, l]
+        if src_TK.dtype in (torch.uint16, torch.uint32, torch.uint64):
+            src_TK = src_TK.to(torch.int64)  # few torch ops take these (vLLM's uint16 via from_numpy)
+        unrouted_T = ~valid_T
+        if fill_K is not None:
+            is_fill_T = _is_fill(src_TK, fill_K)
+            wrong_T = unrouted_T & ~is_fill_T
+            if bool(wrong_T.any()):
+                t = int(wrong_T.nonzero()[0])
+                where = f"position {divmod(t, token_shape[1])}" if len(token_shape) == 2 else f"token {t}"
+                raise ValueError(
+                    f"routed_experts at {where}, layer {name!r} is padding in attention_mask but holds "
+                    f"{src_TK[t].tolist()}, not the {fill!r} fill {fill_K.tolist()}: the mask and the "
+                    "tensor disagree (left against right padding?)"
+                )
+            if fill == "zeros":
+                unrouted_T = unrouted_T | is_fill_T
+        if not last_token_routed:
+            unrouted_T = unrouted_T | last_T
+        # before narrowing: out-of-range ids are errors, never wrapped
+        _check_range([(name, src_TK[~unrouted_T])], num_experts, K)
+        out_TLK[:, j] = src_TK  # unrouted rows may wrap here: they are overwritten next
+        out_TLK[:, j].masked_fill_(unrouted_T[:, None], -1)
+    out = out_TLK.reshape(*token_shape, len(mapping), K)
     return RoutingTrace._of_tokens_first(out, list(mapping.values()), num_experts, cu)
 
 

@@ -184,3 +184,18 @@ def test_bridge_errors():
         bridges.to_routed_experts(trace, num_layers=2, fill="none", dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"names \['c'\] that the trace does not hold"):
         bridges.to_routed_experts(trace, num_layers=2, fill="zeros", layers={0: "a", 1: "c"})
+
+
+def test_vllm_uint16_tensors():
+    tensor, mask, _, unrouted = framework_tensor("zeros", [3, 4], 4, 2)
+    as_uint16 = bridges.from_routed_experts(
+        torch.from_numpy(tensor.numpy().astype("uint16")),
+        layers=["a", "b"],
+        num_experts=E,
+        fill="zeros",
+        attention_mask=mask,
+    )
+    assert as_uint16 == bridges.from_routed_experts(
+        tensor, layers=["a", "b"], num_experts=E, fill="zeros", attention_mask=mask
+    )
+    assert as_uint16.dtype == torch.int8 and (as_uint16["b"][unrouted] == -1).all()

@@ -894,7 +894,7 @@ class RoutingTrace(Mapping[str, torch.Tensor]):
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: torch.device | str | None = None) -> RoutingTrace:
         """Read a trace written by :meth:`save`; ids in the compact dtype on ``device`` (default:
-        the CPU), every layer a view of one token-major tensor.
+        the CPU), every layer a view of the one tensor read from the file.
 
         A file that is truncated, damaged (bad header, size, checksum, ids out of range), not a
         regular file, or not a routing trace raises ``ValueError`` naming the file and what is

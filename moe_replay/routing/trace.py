@@ -1140,13 +1140,15 @@ _MAX_NAME = 4096
 _MAX_DIM = 1 << 48
 
 
-def _json_depth(text: bytes) -> int:
-    """Deepest ``[``/``{`` nesting of JSON ``text``, outside strings (for the depth cap, before
-    ``json.loads``, which would recurse once per level)."""
-    stripped = re.sub(rb'"(?:[^"\\]|\\.)*"', b"", text)
-    a = np.frombuffer(stripped, dtype=np.uint8)
-    steps = (a == ord("[")).astype(np.int32) + (a == ord("{")) - (a == ord("]")) - (a == ord("}"))
-    return int(np.cumsum(steps).max()) if steps.size else 0
+def _json_depth(value: object) -> int:
+    """Nesting depth of a parsed JSON value (iterative: no recursion on hostile input)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _parse_decimal(meta: Mapping[str, object], key: str, bad) -> int:
@@ -1198,12 +1200,14 @@ def _read_trace(path: str) -> RoutingTrace:
         text = f.read(header_len)
         if len(text) != header_len:
             raise bad("truncated: the file ended inside the header")
-        if _json_depth(text) > MAX_JSON_DEPTH:
-            raise bad(f"not a routing trace: the header nests deeper than {MAX_JSON_DEPTH} levels")
         try:
             header = json.loads(text.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        except RecursionError:  # json's C parser stops nesting at the recursion limit, early
+            raise bad(f"not a routing trace: the header nests deeper than {MAX_JSON_DEPTH} levels") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise bad(f"damaged or not a safetensors file: the header is not valid JSON ({e})") from None
+        if _json_depth(header) > MAX_JSON_DEPTH:
+            raise bad(f"not a routing trace: the header nests deeper than {MAX_JSON_DEPTH} levels")
         if not isinstance(header, dict):
             raise bad("damaged or not a safetensors file: the header is not a JSON object")
         meta = header.get("__metadata__")

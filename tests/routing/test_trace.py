@@ -781,9 +781,16 @@ def test_header_size_and_json_depth_are_capped(tmp_path, monkeypatch):
     path.write_bytes(len(deep).to_bytes(8, "little") + deep)
     with pytest.raises(ValueError, match="nests deeper than 8 levels"):
         mr.RoutingTrace.load(path)
-    strings = json.dumps(
-        {"__metadata__": {"x": "[[[[[[[[[[[["}}
-    ).encode()  # brackets inside strings do not count
+    nine = b"[" * 9 + b"]" * 9  # parses, but deeper than any trace header
+    path.write_bytes(len(nine).to_bytes(8, "little") + nine)
+    with pytest.raises(ValueError, match="nests deeper than 8 levels"):
+        mr.RoutingTrace.load(path)
+    escapes = b'"' + b'\\"' * 200_000  # an unterminated string of escaped quotes: linear time, no hang
+    path.write_bytes(len(escapes).to_bytes(8, "little") + escapes)
+    with pytest.raises(ValueError, match="header is not valid JSON"):
+        mr.RoutingTrace.load(path)
+    # brackets inside strings do not count
+    strings = json.dumps({"__metadata__": {"x": "[[[[[[[[[[[["}}).encode()
     path.write_bytes(len(strings).to_bytes(8, "little") + strings)
     with pytest.raises(ValueError, match="metadata 'format' is None"):
         mr.RoutingTrace.load(path)

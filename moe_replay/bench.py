@@ -1,11 +1,12 @@
 """``moe-replay bench``: time the MoE layer against its baselines on one GPU.
 
 Every implementation runs the whole layer on the same bf16 weights, input and expert ids:
-router GEMM (float32) -> routing with the ids forced (our layers through ``mr.replay``; the
-baselines gather the softmax at the forced ids in plain PyTorch) -> experts -> combine.
+router GEMM (float32) -> routing with the ids forced (our layers through ``forced_expert_ids``,
+checked on the device without a host sync; the baselines gather the softmax at the forced ids in
+plain PyTorch) -> experts -> combine.
 
 Implementations (``--impls``):
-  triton        moe_replay, triton backend, routing replayed from the trace
+  triton        moe_replay, triton backend, every slot forced (``forced_expert_ids``)
   triton-router moe_replay, triton backend, the router's own choice (no replay): ``--routing router``
                 measures both on the same ids, which is the replay overhead
   torch         moe_replay, torch reference backend
@@ -151,14 +152,8 @@ def build_impl(impl: str, cfg: mr.MoEConfig, moe: mr.MoE, id_sets: list[torch.Te
             layers.append(layer)
         if impl == "triton-router":
             return lambda xs: [layer(x) for layer, x in zip(layers, xs)]
-        trace = mr.RoutingTrace(
-            {str(i): ids for i, ids in enumerate(id_sets)}, num_experts=cfg.num_experts, top_k=cfg.top_k
-        )
-        scope = mr.replay(layers, trace)
-        scope.__enter__()  # kept open for the whole measurement: first forward resolves, later reuse
-        run = lambda xs: [layer(x) for layer, x in zip(layers, xs)]
-        run.scope = scope  # type: ignore[attr-defined]
-        return run
+        # Forced ids checked on the device (the layer's default validate=None): no host sync.
+        return lambda xs: [layer(x, forced_expert_ids=ids) for layer, x, ids in zip(layers, xs, id_sets)]
     router_w, gate_up, down = moe.router.weight, moe.experts.gate_up_proj, moe.experts.down_proj
     if impl in ("hf-eager", "hf-grouped_mm"):
         from transformers import Qwen3MoeConfig
@@ -347,8 +342,6 @@ def _measure_impl(
         r.notes.append(f"fwd+bwd timed {timing_bwd}")
     for p in [*params, *xs_grad]:
         p.grad = None
-    if hasattr(run, "scope"):
-        run.scope.__exit__(None, None, None)
 
 
 def bench_routing_kernel(T: int = 4096, shape: str = "qwen3-30b-a3b") -> dict:

@@ -35,6 +35,23 @@ import torch
 import moe_replay as mr
 
 MODELS = ("qwen3", "mixtral", "deepseek-v3", "olmoe")
+FAMILY_MODELS = (
+    "qwen3_next",
+    "qwen3_5_moe",
+    "glm4_moe",
+    "glm4_moe_lite",
+    "deepseek_v4",
+    "kimi_linear",
+    "gpt_oss",
+    "llama4",
+    "minimax_m2",
+    "ernie4_5_moe",
+    "hunyuan_v1_moe",
+    "granitemoe",
+    "longcat_flash",
+)
+"""More architectures by transformers model type, from moe_replay.integrations.hf_configs."""
+_TEXT_MODEL_TYPE = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text"}  # no vision tower
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,7 +101,9 @@ SIZES = {
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=MODELS, default="qwen3", help="architecture (default: qwen3)")
+    parser.add_argument(
+        "--model", choices=MODELS + FAMILY_MODELS, default="qwen3", help="architecture (default: qwen3)"
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for weights, prompts and sampling (default: 0)"
     )
@@ -160,11 +179,27 @@ def _hf_config(model: str, size: DemoSize) -> Any:
     return config
 
 
+def _family_config(model: str, size: DemoSize) -> Any:
+    from moe_replay.integrations.hf_configs import SmallShape, small_config
+
+    shape = SmallShape(
+        layers=size.layers,
+        hidden=size.hidden,
+        experts=size.experts,
+        top_k=size.top_k,
+        expert_intermediate=size.expert_intermediate,
+        vocab=size.vocab,
+        max_positions=4 * (max(size.prompt_lengths) + size.new_tokens),
+    )
+    return small_config(_TEXT_MODEL_TYPE.get(model, model), shape)
+
+
 def _build_model(model: str, size: DemoSize, seed: int) -> Any:
     import transformers
 
     torch.manual_seed(seed)
-    hf_model = transformers.AutoModelForCausalLM.from_config(_hf_config(model, size))
+    config = _hf_config(model, size) if model in MODELS else _family_config(model, size)
+    hf_model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, buf in hf_model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # as after load balancing: not all zero

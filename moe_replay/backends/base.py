@@ -218,8 +218,12 @@ class Backend(ABC):
         cfg: MoEConfig,
         forced_TK: torch.Tensor | None,
         bias_E: torch.Tensor | None,
+        bad_row_flag: torch.Tensor | None = None,
     ) -> Routing:
-        """Routing of ``logits_TE``; inputs are already checked by ``moe_replay.route``."""
+        """Routing of ``logits_TE``; inputs are already checked by ``moe_replay.route``, except
+        with ``bad_row_flag`` (int32 ``[1]``, zero): then the backend checks ``forced_TK`` on the
+        device as ``moe_replay.routing.route.bad_forced_rows`` does, gives bad rows NaN weights
+        and raises the flag to ``T - r`` for the first bad row ``r`` (no host synchronisation)."""
 
     @abstractmethod
     def dispatch(self, expert_ids_MR: torch.Tensor, num_experts: int) -> ExpertBuckets:

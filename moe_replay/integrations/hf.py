@@ -11,58 +11,57 @@ module name (``model.layers.3.mlp``), so ``mr.record`` and ``mr.replay`` see and
     with mr.replay(model, forced):
         model(sequences, attention_mask=full_mask, position_ids=..., labels=...).loss.backward()
 
+Which families, and each one's routing rule: :data:`SUPPORTED_MODEL_TYPES`, ``docs/hf.md``.
+
 How it hooks in, per instance (no transformers class is patched; ``detach`` undoes it exactly):
 
-* the block's ``forward`` is wrapped to note its input's token shape ``[B, S]`` (recorders keep
-  the batch axis) and to check that the block really called its router;
-* the router's (``gate`` / ``router``) ``forward`` is wrapped: it runs the model's own router, then
-  :func:`moe_replay.routing.sites.route_at_site` decides the ids. Without forcing (no context,
-  ``record`` alone, a frozen first forward) those are the model's own ids and weights, bitwise,
-  so outputs are those of the unattached model. With forced ids (``replay``), ids follow
-  :func:`moe_replay.route` semantics on the router's own logits (forced slots kept, free slots
-  filled with the best remaining experts) and the weights come from the current router;
+* a block is any module holding an ``experts`` module and a router (``gate`` / ``router``);
+  the block's ``forward`` is wrapped to note its input's token shape ``[B, S]`` (recorders keep
+  the batch axis) and to check that the block really routed;
+* the call that routes is wrapped: the router's ``forward``, or the block's
+  ``route_tokens_to_experts`` where the router only computes logits (DBRX). It runs the model's
+  own routing, finds the logits ``[T, E]``, weights ``[T, K]`` and ids ``[T, K]`` among its
+  outputs (or arguments) by dtype and shape, whatever order a transformers version returns them
+  in (a router that returns no logits gets them recomputed from its input and weight, in
+  float32 as it computes them), then :func:`moe_replay.routing.sites.route_at_site` decides
+  the ids. Without forcing (no context, ``record`` alone, a frozen first forward) those are the
+  model's own ids and weights, bitwise, so outputs are those of the unattached model. With
+  forced ids (``replay``), ids follow :func:`moe_replay.route` semantics under the router's own
+  rule (forced slots kept, free slots filled with the best remaining experts) and the weights
+  come from the current logits;
+* the rule (scoring, selection bias, groups, normalisation, scaling) is read from the router
+  module at attach time, completed by a small per-family table for what a router does without
+  saying so (:mod:`moe_replay.integrations.hf_router`, :mod:`moe_replay.integrations.hf_families`);
 * with ``experts="moe_replay"``, the experts module's ``forward`` runs moe_replay's dispatch /
-  expert_mlp / combine on the model's own ``gate_up_proj`` / ``down_proj`` tensors (not copied).
+  expert_mlp / combine on the model's own ``gate_up_proj`` / ``down_proj`` tensors (not copied);
+  plain SwiGLU experts only.
 
-Architectures and their routing (``MoEConfig`` fields in brackets):
-
-* Qwen3-MoE, Qwen2-MoE, OLMoE: softmax, top-k, optional renormalisation [``scoring="softmax"``,
-  ``norm_topk_prob`` from the router]. Qwen2-MoE's shared expert and its sigmoid gate stay in the
-  block's own forward, as do Qwen3's ``mlp_only_layers`` (dense, not routing sites).
-* Mixtral: softmax, top-k, always renormalised [``norm_topk_prob=True``]. Router jitter (training
-  only) multiplies the block input before the router, as in the original.
-* DeepSeek-V3, GLM-4-MoE: sigmoid scores, ``e_score_correction_bias`` for selection only, group
-  limited selection, ``routed_scaling_factor`` [``scoring="sigmoid"``, ``score_bias=True`` with the
-  router's current ``e_score_correction_bias``, ``n_group``, ``topk_group``, ``norm_topk_prob``,
-  ``routed_scaling_factor``]. Shared experts stay in the block's forward; the leading dense layers
-  (``first_k_dense_replace``) are plain MLPs and not routing sites.
-* gpt-oss: the router is a linear layer *with* a bias; it takes the top-k of the logits, *then*
-  softmaxes the k picked logits. ``MoEConfig``'s contract ranks softmax scores, the same order
-  only up to rounding (two logits one ulp apart can share one float32 probability), so gpt-oss is
-  routed by its own function with the same forcing rules: forced slots kept, free slots filled in
-  slot order with the highest remaining *logits* (ties to the lower index), weights
-  ``softmax(logits at the final ids)`` in float32, cast to the dtype the model's router returns.
-  Its experts (interleaved gate/up with biases, clamped ``alpha``-sigmoid GLU) are not SwiGLU, so
-  ``experts="moe_replay"`` raises for it.
+Shared experts, their gates and dense layers stay in the blocks' own forwards and are not routing
+sites. DeepSeek-V4's hash-routed layers (experts from a fixed token-id table) are not routing
+sites either. Multi-token-prediction blocks (a module path with a part starting ``mtp`` or
+``nextn``; transformers itself drops MTP weights at load) are skipped unless ``mtp=True``; then
+they are sites under their own module names (``model.mtp.0.mlp``), after the decoder's.
 
 The load-balancing loss (``output_router_logits=True``) is transformers' own: computed from the
 router logits with the router's own top-k, replay does not change it.
 
 Precision notes:
 
-* Router logits are the model's own (its dtype: bfloat16 for Qwen/OLMoE/Mixtral/gpt-oss in a
-  bfloat16 model, float32 for DeepSeek-V3/GLM-4-MoE); moe_replay scores them in float32, as the
-  models do (``softmax(..., dtype=float)``, ``logits.float()``).
+* Router logits are the model's own (their dtype: the model's for Qwen/OLMoE/Mixtral/gpt-oss,
+  float32 for DeepSeek-V3-style routers); moe_replay scores them in float32.
 * Under replay, a row whose final ids equal the model's own choice slot for slot keeps the
   model's own weights; other rows get moe_replay's weights cast to the model's weight dtype. The
   two are the same function of the logits (e.g. softmax-then-renormalise vs. softmax of the k
   logits) and differ by rounding only; keeping the model's own weights where routing agrees makes
   replaying a model's own routes bitwise identical to not replaying, and makes a frozen scope's
   recompute match its first forward exactly.
-* With autograd enabled, the router wrapper always runs that forced path (the model's own ids
+* With autograd enabled, the routing wrapper always runs that forced path (the model's own ids
   forced when nothing else is), so a forward and its activation-checkpoint recompute build the
   same graph whatever the replay state; without autograd (generation) it returns the model's
   own routing untouched and costs nothing.
+* Free slots are filled by ranking in float32. A router that ranks bfloat16 scores can order two
+  experts whose scores round together differently; forced slots and the model's own rows are
+  unaffected.
 
 Shape legend: B batch, S sequence, T = B * S tokens, H hidden, E experts, K experts per token,
 I expert intermediate.
@@ -70,83 +69,61 @@ I expert intermediate.
 
 from __future__ import annotations
 
-import importlib
+import functools
+import importlib.util
+import inspect
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from moe_replay import ops
 from moe_replay.backends.registry import get_backend, registered_backends
-from moe_replay.backends.torch.route import select_experts
 from moe_replay.config import MoEConfig
-from moe_replay.routing.route import Routing, check_forced_ids, route
+from moe_replay.integrations.hf_families import FAMILIES, UNSUPPORTED, Family
+from moe_replay.integrations.hf_router import (
+    RouterRule,
+    gate_weights,
+    recognise,
+    route_with_rule,
+    router_weight,
+)
+from moe_replay.routing.route import Routing, check_forced_ids
 from moe_replay.routing.sites import mark_site, route_at_site, site_of, unmark_site
 from moe_replay.routing.trace import RoutingTrace
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "align_generation_trace", "attach", "detach"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "UNSUPPORTED_MODEL_TYPES", "align_generation_trace", "attach", "detach"]
 
 _MODEL_ATTR = "_moe_replay_hf"  # on the model: the _Attachment
 _BLOCK_ATTR = "_moe_replay_hf_block"  # on each MoE block: its _BlockState
-_ROUTER_ATTR = "_moe_replay_hf_router"  # on each block's router: its _RouterState
+_ROUTER_ATTR = "_moe_replay_hf_router"  # on the module owning the routing call: its _RouterState
 _EXPERTS_ATTR = "_moe_replay_hf_experts"  # on each block's experts (experts="moe_replay"): _ExpertsState
 
-RoutingKind = Literal["softmax", "sigmoid_grouped", "gpt_oss"]
+_ROUTER_NAMES = ("gate", "router")
+_METHOD_ROUTING = "route_tokens_to_experts"  # a block method routing the router's logits (DBRX)
 
-
-@dataclass(frozen=True)
-class _Arch:
-    """Where a model type keeps its MoE blocks and how its router routes."""
-
-    module: str
-    """transformers module defining the block class."""
-    block_class: str
-    """The MoE block (router + experts [+ shared experts]); its forward takes ``[B, S, H]``."""
-    router_attr: str
-    """Name of the block's router submodule; its forward returns (logits, weights, ids)."""
-    routing: RoutingKind
-    swiglu_experts: bool
-    """Experts are ``down(silu(gate x) * up x)`` with ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``."""
-
-
-_ARCHS: dict[str, _Arch] = {
-    "qwen3_moe": _Arch(
-        "transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeSparseMoeBlock", "gate", "softmax", True
-    ),
-    "qwen2_moe": _Arch(
-        "transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeSparseMoeBlock", "gate", "softmax", True
-    ),
-    "mixtral": _Arch(
-        "transformers.models.mixtral.modeling_mixtral", "MixtralSparseMoeBlock", "gate", "softmax", True
-    ),
-    "olmoe": _Arch(
-        "transformers.models.olmoe.modeling_olmoe", "OlmoeSparseMoeBlock", "gate", "softmax", True
-    ),
-    "deepseek_v3": _Arch(
-        "transformers.models.deepseek_v3.modeling_deepseek_v3",
-        "DeepseekV3MoE",
-        "gate",
-        "sigmoid_grouped",
-        True,
-    ),
-    "glm4_moe": _Arch(
-        "transformers.models.glm4_moe.modeling_glm4_moe", "Glm4MoeMoE", "gate", "sigmoid_grouped", True
-    ),
-    "gpt_oss": _Arch("transformers.models.gpt_oss.modeling_gpt_oss", "GptOssMLP", "router", "gpt_oss", False),
-}
-
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_ARCHS)
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
 """``config.model_type`` values :func:`attach` supports."""
+
+UNSUPPORTED_MODEL_TYPES: dict[str, str] = dict(UNSUPPORTED)
+"""MoE ``config.model_type`` values :func:`attach` rejects, with the reason."""
 
 
 @dataclass
 class _BlockState:
     """What an attached MoE block needs at call time (stored on the block, so deepcopy follows)."""
 
-    arch: _Arch
+    rule: RouterRule
     cfg: MoEConfig
+    """Shape of the routing (num_experts, top_k) for forced-id checks."""
+    routing_call: str
+    """What routes, for messages: ``'gate'``, ``'router'`` or ``'route_tokens_to_experts'``."""
+    router_name: str
+    """The block's router child: ``'gate'`` or ``'router'``."""
     own_forward: Callable[..., Any] | None
     """An instance-level forward the block had before attach (restored by detach), usually None."""
     lead_shape: tuple[int, ...] | None = None
@@ -158,6 +135,7 @@ class _BlockState:
 class _RouterState:
     block: nn.Module
     own_forward: Callable[..., Any] | None
+    """The instance-level callable the wrapped attribute had before attach, usually None."""
 
 
 @dataclass
@@ -168,57 +146,96 @@ class _ExpertsState:
 
 @dataclass
 class _Attachment:
-    """Everything attach changed, for detach: (module, state attribute) pairs and the block names."""
+    """Everything attach changed, for detach: (module, state attribute, method) and the block names."""
 
     blocks: list[str]
-    patched: list[tuple[nn.Module, str]]
+    patched: list[tuple[nn.Module, str, str]]
 
 
 # --------------------------------------------------------------------------------------------
-# Routing configuration per architecture
+# The routing call's outputs: found by dtype and shape
 # --------------------------------------------------------------------------------------------
 
 
-def _routing_config(arch: _Arch, router: nn.Module, experts: nn.Module) -> MoEConfig:
-    """The ``MoEConfig`` describing ``router``'s routing (read from the instance, not the config)."""
-    num_experts, top_k, hidden = int(router.num_experts), int(router.top_k), int(router.hidden_dim)
-    intermediate = int(getattr(experts, "intermediate_dim", getattr(experts, "intermediate_size", 0)))
-    common = {
-        "num_experts": num_experts,
-        "top_k": top_k,
-        "hidden_size": hidden,
-        "intermediate_size": intermediate,
-    }
-    if arch.routing == "softmax":
-        # Mixtral's router has no norm_topk_prob attribute: it always renormalises.
-        return MoEConfig(
-            **common, scoring="softmax", norm_topk_prob=bool(getattr(router, "norm_topk_prob", True))
-        )
-    if arch.routing == "sigmoid_grouped":
-        return MoEConfig(
-            **common,
-            scoring="sigmoid",
-            norm_topk_prob=bool(router.norm_topk_prob),
-            n_group=int(router.num_group),
-            topk_group=int(router.topk_group),
-            score_bias=True,
-            routed_scaling_factor=float(router.routed_scaling_factor),
-        )
-    # gpt-oss: routed by _route_gpt_oss; the config carries the shape (for forced-id checks) and
-    # the closest MoEConfig description (softmax over the k picked logits).
-    return MoEConfig(**common, scoring="softmax", norm_topk_prob=True)
+@dataclass
+class _Decoded:
+    """The model's own routing, and how to hand a different one back in the call's own layout."""
+
+    logits: Callable[[], torch.Tensor]
+    """The logits ``[T, E]`` (a call: recomputing them costs a matmul, only paid when routing)."""
+    own: Routing
+    own_weights_TK: torch.Tensor
+    rebuild: Callable[[Routing], Any]
 
 
-def _route_gpt_oss(
-    logits_TE: torch.Tensor, cfg: MoEConfig, forced_TK: torch.Tensor | None, validate: bool
-) -> Routing:
-    """gpt-oss routing with forcing: ids by descending logit, weights softmax of the k picked logits."""
-    if forced_TK is not None:
-        check_forced_ids(forced_TK, logits_TE.shape[0], cfg, validate=validate)
-        forced_TK = forced_TK.to(logits_TE.device)
-    ids_TK = select_experts(logits_TE.detach().float(), cfg.top_k, forced_TK)
-    weights_TK = torch.softmax(logits_TE.float().gather(1, ids_TK), dim=1)
-    return Routing(ids_TK.to(torch.int32), weights_TK)
+def _is_tensor(value: object, *, floating: bool, width: int) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 2
+        and value.is_floating_point() == floating
+        and value.shape[1] == width
+    )
+
+
+def _router_input(args: tuple, rule: RouterRule) -> torch.Tensor | None:
+    return next((a for a in args if torch.is_tensor(a) and a.shape[-1] == rule.hidden_size), None)
+
+
+def _recomputed_logits(router: nn.Module, hidden: torch.Tensor, rule: RouterRule) -> torch.Tensor:
+    """The logits of a router that returns none (LongCat-Flash in transformers 5.17), computed as
+    it computes them: its float32 weight applied to its float32 input."""
+    return F.linear(hidden.reshape(-1, rule.hidden_size).float(), router_weight(router).float())
+
+
+def _decode(out: Any, args: tuple, kwargs: dict, rule: RouterRule, where: str, router: nn.Module) -> _Decoded:
+    items = list(out) if isinstance(out, tuple) else [out]
+    E, K = rule.num_experts, rule.top_k
+    if rule.dense_output:  # Llama 4: (scores [T, E], zero off the top-k; logits [T, E])
+        scores_TE, logits_TE = items[0], items[1]
+        ids_TK = torch.topk(logits_TE, K, dim=1).indices  # the router's own call: its own ids
+        own_weights_TK = scores_TE.gather(1, ids_TK)
+
+        def rebuild_dense(routing: Routing) -> Any:
+            ids, weights = routing.expert_ids.long(), routing.weights.to(scores_TE.dtype)
+            return (torch.zeros_like(scores_TE).scatter(1, ids, weights), logits_TE)
+
+        own = Routing(ids_TK.to(torch.int32), own_weights_TK)
+        return _Decoded(lambda: logits_TE, own, own_weights_TK, rebuild_dense)
+
+    ids_at = [i for i, t in enumerate(items) if _is_tensor(t, floating=False, width=K)]
+    weights_at = [i for i, t in enumerate(items) if _is_tensor(t, floating=True, width=K)]
+    logits_at = [i for i, t in enumerate(items) if _is_tensor(t, floating=True, width=E)]
+    logits = [items[i] for i in logits_at] or [
+        t for t in (*args, *kwargs.values()) if _is_tensor(t, floating=True, width=E)
+    ]
+    hidden = _router_input(args, rule)
+    if len(logits) == 1:
+        logits_fn = functools.partial(lambda t: t, logits[0])
+    elif not logits and hidden is not None:  # a router that returns no logits
+        logits_fn = functools.partial(_recomputed_logits, router, hidden, rule)
+    else:
+        logits_fn = None
+    if len(ids_at) != 1 or len(weights_at) != 1 or logits_fn is None:
+        import transformers
+
+        raise RuntimeError(
+            f"{where}: expected the routing call to return one [T, {K}] id tensor and one [T, {K}] weight "
+            f"tensor and to return or receive one [T, {E}] logit tensor, got {_describe(items)}; this "
+            f"family's routing in transformers {transformers.__version__} is not one moe_replay can read"
+        )
+    (i_ids,), (i_weights,) = ids_at, weights_at
+    own_ids_TK, own_weights_TK = items[i_ids], items[i_weights]
+
+    def rebuild(routing: Routing) -> Any:
+        new = list(items)
+        new[i_ids], new[i_weights] = routing.expert_ids.to(own_ids_TK.dtype), routing.weights
+        return tuple(new) if isinstance(out, tuple) else new[0]
+
+    return _Decoded(logits_fn, Routing(own_ids_TK.to(torch.int32), own_weights_TK), own_weights_TK, rebuild)
+
+
+def _describe(items: list) -> str:
+    return str([f"{t.dtype} {list(t.shape)}" if torch.is_tensor(t) else type(t).__name__ for t in items])
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,24 +244,24 @@ def _route_gpt_oss(
 
 
 def _call_original(
-    module: nn.Module, own_forward: Callable[..., Any] | None, *args: Any, **kwargs: Any
+    module: nn.Module, method: str, own: Callable[..., Any] | None, *args: Any, **kwargs: Any
 ) -> Any:
-    if own_forward is not None:
-        return own_forward(*args, **kwargs)
-    return type(module).forward(module, *args, **kwargs)
+    if own is not None:
+        return own(*args, **kwargs)
+    return getattr(type(module), method)(module, *args, **kwargs)
 
 
 def _block_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    """The block's own forward, with its input's token shape noted for the router wrapper."""
+    """The block's own forward, with its input's token shape noted for the routing wrapper."""
     state: _BlockState = getattr(self, _BLOCK_ATTR)
     outer = (state.lead_shape, state.router_calls)
     state.lead_shape, state.router_calls = tuple(hidden_states.shape[:-1]), 0
     try:
-        out = _call_original(self, state.own_forward, hidden_states, *args, **kwargs)
+        out = _call_original(self, "forward", state.own_forward, hidden_states, *args, **kwargs)
         if state.router_calls == 0:
             # E.g. a hub kernel replaced the block's forward: its routing would escape record/replay.
             raise RuntimeError(
-                f"{type(self).__name__}.forward did not call its router {state.arch.router_attr!r}; "
+                f"{type(self).__name__}.forward did not call its router {state.routing_call!r}; "
                 "moe_replay cannot see or replay this block's routing (was its forward replaced, e.g. by "
                 "kernels.kernelize?)"
             )
@@ -253,42 +270,86 @@ def _block_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **k
         state.lead_shape, state.router_calls = outer
 
 
-def _router_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    """The model's router, then the routing site's decision (module docstring)."""
-    rstate: _RouterState = getattr(self, _ROUTER_ATTR)
-    block = rstate.block
-    bstate: _BlockState = getattr(block, _BLOCK_ATTR)
-    bstate.router_calls += 1
-    logits_TE, own_weights_TK, own_ids_TK = _call_original(
-        self, rstate.own_forward, hidden_states, *args, **kwargs
+def _make_routing_wrapper(method: str) -> Callable[..., Any]:
+    def routing_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """The model's own routing, then the routing site's decision (module docstring)."""
+        rstate: _RouterState = getattr(self, _ROUTER_ATTR)
+        block = rstate.block
+        bstate: _BlockState = getattr(block, _BLOCK_ATTR)
+        bstate.router_calls += 1
+        out = _call_original(self, method, rstate.own_forward, *args, **kwargs)
+        rule, cfg = bstate.rule, bstate.cfg
+        router = getattr(block, bstate.router_name)
+        decoded = _decode(out, args, kwargs, rule, bstate.routing_call, router)
+        own = decoded.own
+        num_tokens = own.expert_ids.shape[0]
+        lead = bstate.lead_shape if bstate.lead_shape is not None else (num_tokens,)
+
+        if torch.compiler.is_compiling():
+            return decoded.rebuild(_compiled_routing(block, bstate, decoded, lead))
+
+        def route_fn(forced_TK: torch.Tensor | None, validate: bool | None) -> Routing:
+            if forced_TK is None:
+                if not torch.is_grad_enabled():
+                    return own
+                # With autograd on, route the model's own ids through the forced path anyway: a frozen
+                # replay scope's checkpoint recompute arrives with forced ids, and must save the same
+                # tensors as its forward did (torch.utils.checkpoint checks). Values stay the model's own.
+                forced_TK = own.expert_ids  # valid, on the router's device
+            else:
+                check_forced_ids(forced_TK, num_tokens, cfg, validate=bool(validate))
+                forced_TK = forced_TK.to(own.expert_ids.device)
+            forced = route_with_rule(decoded.logits(), rule, forced_TK, rule.bias(block))
+            # Rows routed as the model would keep its own weights (Precision notes).
+            agrees_T1 = (forced.expert_ids == own.expert_ids).all(dim=1, keepdim=True)
+            own_weights_TK = decoded.own_weights_TK
+            weights_TK = torch.where(agrees_T1, own_weights_TK, forced.weights.to(own_weights_TK.dtype))
+            return Routing(forced.expert_ids, weights_TK)
+
+        routing = route_at_site(site_of(block), route_fn, num_tokens, lead)
+        if routing is own:
+            return out
+        return decoded.rebuild(routing)
+
+    routing_call.__name__ = method
+    return routing_call
+
+
+def _compiled_routing(
+    block: nn.Module, bstate: _BlockState, decoded: _Decoded, lead: tuple[int, ...]
+) -> Routing:
+    """The routing as ``torch.compile`` traces it: ids from the ``moe_replay::route_ids`` custom op
+    (the site's logic, run eagerly), weights traced from the logits (the model's own where the
+    row's ids are its own, as in the eager path)."""
+    site = site_of(block)
+    assert site is not None  # attached
+    rule, own = bstate.rule, decoded.own
+    logits_TE = decoded.logits()
+    ids_TK = ops.route_ids(
+        logits_TE.detach(), rule.bias(block), None, site.key, list(lead), 1, own.expert_ids
     )
-    num_tokens = own_ids_TK.shape[0]
-    lead = bstate.lead_shape if bstate.lead_shape is not None else (num_tokens,)
-    cfg, arch = bstate.cfg, bstate.arch
-    own = Routing(own_ids_TK.to(torch.int32), own_weights_TK)
+    agrees_T1 = (ids_TK == own.expert_ids).all(dim=1, keepdim=True)
+    own_weights_TK = decoded.own_weights_TK
+    weights_TK = gate_weights(logits_TE, ids_TK.long(), rule).to(own_weights_TK.dtype)
+    return Routing(ids_TK, torch.where(agrees_T1, own_weights_TK, weights_TK))
 
-    def route_fn(forced_TK: torch.Tensor | None, validate: bool) -> Routing:
-        if forced_TK is None:
-            if not torch.is_grad_enabled():
-                return own
-            # With autograd on, route the model's own ids through the forced path anyway: a frozen
-            # replay scope's checkpoint recompute arrives with forced ids, and must save the same
-            # tensors as its forward did (torch.utils.checkpoint checks). Values stay the model's own.
-            forced_TK, validate = own.expert_ids, False
-        if arch.routing == "gpt_oss":
-            forced = _route_gpt_oss(logits_TE, cfg, forced_TK, validate)
-        else:
-            bias = self.e_score_correction_bias if cfg.score_bias else None
-            forced = route(logits_TE, cfg, forced_TK, bias, validate)
-        # Rows routed as the model would keep its own weights (Precision notes).
-        agrees_T1 = (forced.expert_ids == own.expert_ids).all(dim=1, keepdim=True)
-        weights_TK = torch.where(agrees_T1, own_weights_TK, forced.weights.to(own_weights_TK.dtype))
-        return Routing(forced.expert_ids, weights_TK)
 
-    routing = route_at_site(site_of(block), route_fn, num_tokens, lead)
-    if routing is own:
-        return logits_TE, own_weights_TK, own_ids_TK
-    return logits_TE, routing.weights, routing.expert_ids.to(own_ids_TK.dtype)
+def _route_logits(
+    rule: RouterRule,
+    cfg: MoEConfig,
+    logits_TE: torch.Tensor,
+    bias_E: torch.Tensor | None,
+    forced_TK: torch.Tensor | None,
+    validate: bool | None,
+) -> Routing:
+    """A block's routing as a function of its logits (the site's ``route_logits``, for compile)."""
+    if forced_TK is not None:
+        check_forced_ids(forced_TK, logits_TE.shape[0], cfg, validate=bool(validate))
+        forced_TK = forced_TK.to(logits_TE.device)
+    return route_with_rule(logits_TE, rule, forced_TK, bias_E)
+
+
+_ROUTING_WRAPPERS = {name: _make_routing_wrapper(name) for name in ("forward", _METHOD_ROUTING)}
 
 
 def _experts_forward(
@@ -298,6 +359,10 @@ def _experts_forward(
     dispatch, then experts + combine (fused where the backend fuses them), on the model's own
     ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``."""
     state: _ExpertsState = getattr(self, _EXPERTS_ATTR)
+    if torch.compiler.is_compiling():
+        ids_TK = top_k_index.to(torch.int32)
+        gate_up, down = self.gate_up_proj, self.down_proj
+        return ops.experts(hidden_states, ids_TK, top_k_weights, gate_up, down, state.backend or "")
     backend = get_backend(state.backend, hidden_states.device)
     buckets = backend.dispatch(top_k_index.to(torch.int32), self.gate_up_proj.shape[0])
     return backend.expert_mlp_combine(
@@ -310,21 +375,75 @@ def _experts_forward(
 # --------------------------------------------------------------------------------------------
 
 
-def _model_type(model: nn.Module) -> str | None:
+def _family(model: nn.Module) -> tuple[str, Family]:
     config = getattr(model, "config", None)
-    return getattr(config, "model_type", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type in UNSUPPORTED:
+        raise ValueError(
+            f"model type {model_type!r} ({type(model).__name__}) is not supported by moe_replay.hf.attach: "
+            f"{UNSUPPORTED[model_type]}"
+        )
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"model type {model_type!r} ({type(model).__name__}) is not supported by moe_replay.hf.attach; "
+            f"supported model types: {list(SUPPORTED_MODEL_TYPES)}"
+        )
+    family = FAMILIES[model_type]
+    if importlib.util.find_spec(f"transformers.models.{family.module}") is None:
+        import transformers
+
+        raise ValueError(
+            f"model type {model_type!r} needs transformers.models.{family.module}, which the installed "
+            f"transformers {transformers.__version__} does not have"
+        )
+    return model_type, family
 
 
-def _check_swiglu_experts(name: str, experts: nn.Module, model: nn.Module) -> None:
-    config = getattr(experts, "config", None) or getattr(model, "config", None)
-    act = getattr(config, "hidden_act", None)
+def _router_of(block: nn.Module) -> str | None:
+    """Name of ``block``'s router child, if ``block`` is an MoE block (it holds ``experts`` too)."""
+    if not isinstance(getattr(block, "experts", None), nn.Module):
+        return None
+    for name in _ROUTER_NAMES:
+        router = getattr(block, name, None)
+        if isinstance(router, nn.Module):
+            try:
+                router_weight(router)
+            except ValueError:
+                continue
+            return name
+    return None
+
+
+def _is_mtp(name: str) -> bool:
+    return any(part.startswith("mtp") or "nextn" in part for part in name.split("."))
+
+
+def _is_silu(act: object) -> bool:
+    return act is F.silu or isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
+
+
+def _swiglu_problems(experts: nn.Module, model: nn.Module) -> list[str]:
+    """Why ``experts`` is not plain SwiGLU ``down(silu(gate x) * up x)`` on ``[E, 2I, H]`` / ``[E, H, I]``."""
     problems = []
-    if act != "silu":
-        problems.append(f"activation {act!r} (need 'silu')")
+    params = list(inspect.signature(type(experts).forward).parameters)
+    if len(params) < 4:
+        problems.append(f"its forward takes {params[1:]}, not (hidden_states, top_k_index, top_k_weights)")
+    act = getattr(experts, "act_fn", None)
+    if act is None:
+        config = getattr(experts, "config", None) or getattr(model, "config", None)
+        act = getattr(config, "hidden_act", None)
+        if act != "silu":
+            problems.append(f"activation {act!r} (need 'silu')")
+    elif not _is_silu(act):
+        problems.append(f"activation {type(act).__name__} (need SiLU)")
     if getattr(experts, "is_transposed", False) or not getattr(experts, "is_concatenated", True):
         problems.append("transposed or interleaved gate/up layout")
     if getattr(experts, "has_bias", False):
         problems.append("expert biases")
+    if getattr(experts, "limit", None) is not None or hasattr(experts, "alpha"):
+        problems.append("a clamped or scaled GLU (limit / alpha)")
+    if getattr(experts, "zero_expert_num", 0):
+        problems.append("zero (identity) experts handled inside the experts module")
     gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor):
         problems.append("no gate_up_proj/down_proj tensors")
@@ -337,27 +456,31 @@ def _check_swiglu_experts(name: str, experts: nn.Module, model: nn.Module) -> No
         problems.append(
             f"gate_up_proj {tuple(gate_up.shape)} / down_proj {tuple(down.shape)} not [E, 2I, H] / [E, H, I]"
         )
-    if problems:
-        raise ValueError(
-            f"experts='moe_replay': experts of {name!r} are not plain SwiGLU: {'; '.join(problems)}"
-        )
+    return problems
 
 
 def _install(
-    module: nn.Module, state_attr: str, state: Any, forward: Callable[..., Any], patched: list
+    module: nn.Module,
+    state_attr: str,
+    state: Any,
+    method: str,
+    function: Callable[..., Any],
+    patched: list,
 ) -> None:
     # A bound method (not a closure) so that copy.deepcopy(model) rebinds it to the copy.
     object.__setattr__(module, state_attr, state)
-    module.forward = types.MethodType(forward, module)
-    patched.append((module, state_attr))
+    object.__setattr__(module, method, types.MethodType(function, module))
+    patched.append((module, state_attr, method))
 
 
-def attach(model: nn.Module, experts: str | None = None, *, backend: str | None = None) -> list[str]:
+def attach(
+    model: nn.Module, experts: str | None = None, *, backend: str | None = None, mtp: bool = False
+) -> list[str]:
     """Make every MoE block of the transformers model ``model`` a routing site; return their names.
 
     ``model`` is an instance of a supported architecture (:data:`SUPPORTED_MODEL_TYPES`, read from
     ``model.config.model_type``); the blocks are keyed by module name (``model.layers.1.mlp``).
-    Nothing is copied and no transformers class is modified: the blocks', routers' (and with
+    Nothing is copied and no transformers class is modified: the blocks', routing calls' (and with
     ``experts="moe_replay"`` experts') ``forward`` are replaced on these instances. Parameters,
     buffers and state-dict keys are unchanged. Outside ``mr.record`` / ``mr.replay`` the model
     computes exactly what it computed before (bitwise).
@@ -366,19 +489,16 @@ def attach(model: nn.Module, experts: str | None = None, *, backend: str | None 
     experts through moe_replay's backend stages on the model's own weight tensors (SwiGLU experts
     only; results then agree with the original within the dtype's tolerance, not bitwise).
     ``backend``: the moe_replay backend for those experts (``None``: automatic, per call).
+    ``mtp``: also attach multi-token-prediction blocks (module docstring).
 
     Raises ``TypeError`` for a non-module, ``ValueError`` for an unsupported model type (listing
-    the supported ones), a model already attached, a model with no MoE block, a bad ``experts`` or
-    ``backend``, or non-SwiGLU experts with ``experts="moe_replay"``.
+    the supported ones, or saying why it is not), a family the installed transformers lacks, a
+    model already attached, a model with no MoE block, a bad ``experts``, ``backend`` or ``mtp``,
+    or non-SwiGLU experts with ``experts="moe_replay"``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
-    model_type = _model_type(model)
-    if model_type not in _ARCHS:
-        raise ValueError(
-            f"model type {model_type!r} ({type(model).__name__}) is not supported by moe_replay.hf.attach; "
-            f"supported model types: {list(SUPPORTED_MODEL_TYPES)}"
-        )
+    model_type, family = _family(model)
     if experts not in (None, "moe_replay"):
         raise ValueError(f"experts must be None (the model's own) or 'moe_replay', got {experts!r}")
     if backend is not None:
@@ -386,57 +506,78 @@ def attach(model: nn.Module, experts: str | None = None, *, backend: str | None 
             raise ValueError(f"backend={backend!r} only applies with experts='moe_replay', got experts=None")
         if not isinstance(backend, str) or backend not in registered_backends():
             raise ValueError(f"backend must be None or one of {registered_backends()}, got {backend!r}")
+    if not isinstance(mtp, bool):
+        raise TypeError(f"mtp must be a bool, got {type(mtp).__name__} {mtp!r}")
     if getattr(model, _MODEL_ATTR, None) is not None:
         raise ValueError(
             f"{type(model).__name__} is already attached; call moe_replay.hf.detach(model) first"
         )
-    arch = _ARCHS[model_type]
-    block_class = getattr(importlib.import_module(arch.module), arch.block_class)
-    blocks = [(name, module) for name, module in model.named_modules() if isinstance(module, block_class)]
+    blocks = []
+    for name, module in model.named_modules():
+        router_name = _router_of(module)
+        if router_name is None or hasattr(getattr(module, router_name), "tid2eid"):
+            continue  # not an MoE block, or DeepSeek-V4's hash routing (a fixed token-id table)
+        if _is_mtp(name) and not mtp:
+            continue
+        blocks.append((name, module, router_name))
+    blocks.sort(key=lambda item: _is_mtp(item[0]))  # MTP blocks after the decoder's (stable)
     if not blocks:
         raise ValueError(
-            f"model ({type(model).__name__}, {model_type!r}) holds no {arch.block_class} block to attach"
+            f"model ({type(model).__name__}, {model_type!r}) holds no MoE block (a module with an 'experts' "
+            "module and a 'gate' or 'router') to attach"
         )
 
     # Check everything before changing anything, so a failed attach leaves the model untouched.
     plans = []
-    for name, block in blocks:
+    for name, block, router_name in blocks:
         if site_of(block) is not None:
             raise ValueError(f"module {name!r} is already a routing site")
-        router, block_experts = getattr(block, arch.router_attr), block.experts
+        rule = recognise(family, block, router_name, where=f"{model_type} block {name!r}")
         if experts == "moe_replay":
-            if not arch.swiglu_experts:
+            problems = _swiglu_problems(block.experts, model)
+            if problems:
                 raise ValueError(
-                    f"experts='moe_replay' needs SwiGLU experts; {model_type!r} "
-                    f"({type(block_experts).__name__}) uses interleaved gate/up with biases and a clamped "
-                    "GLU; use experts=None for it"
+                    f"experts='moe_replay' needs plain SwiGLU experts; {model_type!r} block {name!r} "
+                    f"({type(block.experts).__name__}) has {'; '.join(problems)}; use experts=None for it"
                 )
-            _check_swiglu_experts(name, block_experts, model)
-        plans.append((name, block, router, block_experts, _routing_config(arch, router, block_experts)))
+        intermediate = getattr(block.experts, "down_proj", None)
+        cfg = MoEConfig(
+            num_experts=rule.num_experts,
+            top_k=rule.top_k,
+            hidden_size=rule.hidden_size,
+            intermediate_size=int(intermediate.shape[-1]) if isinstance(intermediate, torch.Tensor) else 1,
+        )
+        method_owned = callable(getattr(type(block), _METHOD_ROUTING, None))
+        plans.append((name, block, router_name, rule, cfg, method_owned))
 
-    patched: list[tuple[nn.Module, str]] = []
-    for _, block, router, block_experts, cfg in plans:
+    patched: list[tuple[nn.Module, str, str]] = []
+    for _, block, router_name, rule, cfg, method_owned in plans:
+        call = _METHOD_ROUTING if method_owned else router_name
         own = block.__dict__.get("forward")
-        _install(block, _BLOCK_ATTR, _BlockState(arch, cfg, own), _block_forward, patched)
         _install(
-            router,
-            _ROUTER_ATTR,
-            _RouterState(block, router.__dict__.get("forward")),
-            _router_forward,
+            block,
+            _BLOCK_ATTR,
+            _BlockState(rule, cfg, call, router_name, own),
+            "forward",
+            _block_forward,
             patched,
         )
+        owner, method = (block, _METHOD_ROUTING) if method_owned else (getattr(block, router_name), "forward")
+        rstate = _RouterState(block, owner.__dict__.get(method))
+        _install(owner, _ROUTER_ATTR, rstate, method, _ROUTING_WRAPPERS[method], patched)
         if experts == "moe_replay":
-            state = _ExpertsState(backend, block_experts.__dict__.get("forward"))
-            _install(block_experts, _EXPERTS_ATTR, state, _experts_forward, patched)
-        mark_site(block, cfg.num_experts, cfg.top_k)
+            state = _ExpertsState(backend, block.experts.__dict__.get("forward"))
+            _install(block.experts, _EXPERTS_ATTR, state, "forward", _experts_forward, patched)
+        rule = getattr(block, _BLOCK_ATTR).rule
+        mark_site(block, cfg.num_experts, cfg.top_k, route_logits=functools.partial(_route_logits, rule, cfg))
     names = [name for name, *_ in plans]
     object.__setattr__(model, _MODEL_ATTR, _Attachment(names, patched))
     return names
 
 
 def detach(model: nn.Module) -> None:
-    """Undo :func:`attach`: every block, router and experts module gets its original ``forward``
-    back and stops being a routing site. ``ValueError`` if ``model`` is not attached."""
+    """Undo :func:`attach`: every block, routing call and experts module gets its original
+    ``forward`` back and stops being a routing site. ``ValueError`` if ``model`` is not attached."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     attachment: _Attachment | None = getattr(model, _MODEL_ATTR, None)
@@ -444,11 +585,11 @@ def detach(model: nn.Module) -> None:
         raise ValueError(
             f"{type(model).__name__} is not attached (moe_replay.hf.attach was not called on it)"
         )
-    for module, state_attr in reversed(attachment.patched):
+    for module, state_attr, method in reversed(attachment.patched):
         own = getattr(module, state_attr).own_forward
-        del module.forward
+        object.__delattr__(module, method)
         if own is not None:
-            module.forward = own
+            object.__setattr__(module, method, own)
         object.__delattr__(module, state_attr)
         if state_attr == _BLOCK_ATTR:
             unmark_site(module)

@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_replay import ops
 from moe_replay.backends.base import Backend, ExpertBuckets, InputGradsHook, PeerRows
 from moe_replay.backends.registry import get_backend, registered_backends
+from moe_replay.backends.torch.route import gate_weights
 from moe_replay.config import MoEConfig
 from moe_replay.parallel.expert_parallel import setup_expert_parallel
 from moe_replay.parallel.local import local_dispatch
@@ -143,7 +145,16 @@ class MoELayer(nn.Module):
         kind = type(self).__name__
         self.ep = setup_expert_parallel(cfg, ep_group, ep_mode, layer_kind=kind, router=self.router)
         self.dispatch_experts = local_dispatch if self.ep is None else self.ep.dispatcher
-        mark_site(self, cfg.num_experts, cfg.top_k)
+        mark_site(self, cfg.num_experts, cfg.top_k, route_logits=self._route_logits)
+
+    def _route_logits(
+        self,
+        logits_TE: torch.Tensor,
+        bias_E: torch.Tensor | None,
+        forced_TK: torch.Tensor | None,
+        validate: bool | None,
+    ) -> Routing:
+        return route(logits_TE, self.cfg, forced_TK, bias_E, validate, backend=self.backend)
 
     @property
     def local_experts(self) -> tuple[int, int]:
@@ -179,12 +190,19 @@ class MoELayer(nn.Module):
         x: torch.Tensor,
         forced_expert_ids: torch.Tensor | None = None,
         return_routing: bool = False,
+        *,
+        validate: bool | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Routing]:
         """``y [..., H]`` for ``x [..., H]``; with ``return_routing``, also the :class:`Routing` used,
         shaped ``x.shape[:-1] + (K,)``.
 
         ``forced_expert_ids`` (``[N, K]`` with ``N = x.numel() // H``, or ``[..., K]``) forces
         experts slot by slot; ``-1`` leaves a slot to the router (see :func:`moe_replay.route`).
+        ``validate`` checks them as :func:`moe_replay.route` does; the default ``None`` never
+        synchronises with the GPU (there a bad row gets NaN outputs, and the ``ValueError`` naming
+        it is raised by the next layer call of this thread or by this call's backward), so a
+        forward with forced ids costs what a router-chosen one does and can be captured in a CUDA
+        graph. ``True`` raises at once (one host synchronisation); ``False`` skips the checks.
         """
         H = self.cfg.hidden_size
         if not isinstance(x, torch.Tensor):
@@ -196,16 +214,44 @@ class MoELayer(nn.Module):
         lead = tuple(x.shape[:-1])
         x_TH = x.reshape(-1, H)
         forced_TK = self._forced_TK(forced_expert_ids, lead)
+        if torch.compiler.is_compiling():
+            routing, y_TH = self._forward_compiled(x_TH, forced_TK, lead, validate)
+            y = y_TH.reshape(x.shape)
+            return (y, routing.reshape(*lead)) if return_routing else y
         backend = get_backend(self.backend, x.device)
         logits_TE = self.router(x_TH)
 
-        def route_fn(forced: torch.Tensor | None, validate: bool) -> Routing:
-            return route(logits_TE, self.cfg, forced, self.router.bias, validate, backend=backend.name)
+        def route_fn(forced: torch.Tensor | None, check: bool | None) -> Routing:
+            return route(logits_TE, self.cfg, forced, self.router.bias, check, backend=backend.name)
 
-        routing = route_at_site(site_of(self), route_fn, x_TH.shape[0], lead, forced_TK)
+        site = site_of(self)
+        routing = route_at_site(site, route_fn, x_TH.shape[0], lead, forced_TK, validate=validate)
         y_TH = self.dispatch_experts(x_TH, routing, self.experts, backend)
         y = y_TH.reshape(x.shape)
         return (y, routing.reshape(*lead)) if return_routing else y
+
+    def _forward_compiled(
+        self, x_TH: torch.Tensor, forced_TK: torch.Tensor | None, lead: tuple[int, ...], validate: bool | None
+    ) -> tuple[Routing, torch.Tensor]:
+        """The forward as ``torch.compile`` traces it: routing and experts as custom ops
+        (:mod:`moe_replay.ops`), the router and the gate weights traced."""
+        if self.ep is not None or not isinstance(self.experts, Experts):
+            raise RuntimeError(
+                f"torch.compile supports {type(self).__name__} layers without expert parallelism and with "
+                "bf16/float experts (moe_replay.MoE); run expert-parallel and quantized layers eagerly"
+            )
+        site = site_of(self)
+        assert site is not None  # marked in __init__
+        logits_TE = self.router(x_TH)
+        ids_TK = ops.route_ids(
+            logits_TE.detach(), self.router.bias, forced_TK, site.key, list(lead), ops.validate_code(validate)
+        )
+        weights_TK = gate_weights(logits_TE, ids_TK.long(), self.cfg)
+        experts = self.experts
+        y_TH = ops.experts(
+            x_TH, ids_TK, weights_TK, experts.gate_up_proj, experts.down_proj, self.backend or ""
+        )
+        return Routing(ids_TK, weights_TK), y_TH
 
     def extra_repr(self) -> str:
         c = self.cfg

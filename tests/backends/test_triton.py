@@ -665,8 +665,9 @@ def test_gpu_replayed_forward_has_no_host_sync_and_captures_in_a_graph() -> None
     x = torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad(), mr.record(layer) as trace:
         eager = layer(x)
-    with torch.no_grad(), mr.replay(layer, trace):
-        layer(x)  # first forward resolves the ids
+    trace = trace.to("cuda")  # a graph cannot copy from pageable host memory
+    # Each forward consumes one trace: the synchronisation check, the warm-up and the capture.
+    with torch.no_grad(), mr.replay(layer, [trace] * 3):
         torch.cuda.set_sync_debug_mode("error")
         try:
             layer(x)  # raises if anything synchronises with the host

@@ -1,5 +1,6 @@
-"""mr.hf.attach / detach on tiny random transformers models of every supported architecture
-(moe_replay/integrations/hf.py).
+"""mr.hf.attach / detach in depth (generation, training replay with checkpointing, errors, the
+Triton experts) on tiny random models of seven families (moe_replay/integrations/hf.py); every
+other family's contract: test_hf_families.py.
 
 Shape legend: B batch, P padded prompt length, N new tokens, L = P + N, K experts per token.
 """
@@ -104,7 +105,7 @@ def _config(arch: str) -> transformers.PretrainedConfig:
     raise AssertionError(arch)
 
 
-ARCHS = list(mr.hf.SUPPORTED_MODEL_TYPES)
+ARCHS = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "gpt_oss"]
 SWIGLU_ARCHS = [a for a in ARCHS if a != "gpt_oss"]
 ROUTER_ATTR = {"gpt_oss": "router"}
 

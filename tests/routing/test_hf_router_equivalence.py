@@ -169,3 +169,56 @@ def test_moe_layer_equals_hf_block_with_the_same_weights(block_cls: type, hf_con
         moe.experts.gate_up_proj.copy_(block.experts.gate_up_proj)
         moe.experts.down_proj.copy_(block.experts.down_proj)
         torch.testing.assert_close(moe(x), block(x), atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# The rule moe_replay.hf reads from a router, against the router itself
+# --------------------------------------------------------------------------------------------
+
+
+def _phimoe_block(seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    from transformers.models.phimoe.modeling_phimoe import PhimoeSparseMoeBlock
+
+    config = transformers.PhimoeConfig(
+        num_local_experts=16,
+        num_experts_per_tok=2,
+        hidden_size=H,
+        intermediate_size=8,
+        router_jitter_noise=0.01,
+    )
+    block = PhimoeSparseMoeBlock(config).eval()
+    return block, randomise(block.router, seed)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_phimoe_sparsemixer_rule(seed: int) -> None:
+    # Evaluation mode: sparsemixer's ids are the top-2 logits, in order, and each slot's weight is
+    # a softmax over the logits near that slot's pick; the rule reproduces both.
+    from moe_replay.integrations.hf_families import FAMILIES
+    from moe_replay.integrations.hf_router import recognise, route_with_rule
+
+    block, x = _phimoe_block(seed)
+    rule = recognise(FAMILIES["phimoe"], block, "router", where="phimoe")
+    assert (rule.scoring, rule.top_k, rule.jitter_eps) == ("sparsemixer", 2, 0.01)
+    with torch.no_grad():
+        logits, weights, ids = block.router(x)
+    ours = route_with_rule(logits, rule, None, None)
+    assert torch.equal(ours.expert_ids.long(), ids.long())  # slot order matters here
+    torch.testing.assert_close(ours.weights, weights.float(), atol=1e-6, rtol=1e-5)
+    # Forcing the second-best expert into slot 0: its weight is a softmax over the logits near it,
+    # which now include the best one, so it is below 1 and the best expert fills slot 1.
+    forced = torch.full_like(ids, -1)
+    forced[:, 0] = ids[:, 1]
+    swapped = route_with_rule(logits, rule, forced, None)
+    assert torch.equal(swapped.expert_ids.long(), ids.flip(-1).long())
+    assert (swapped.weights[:, 0] < 1).all() and torch.isfinite(swapped.weights).all()
+
+
+def test_phimoe_refuses_top_k_other_than_2() -> None:
+    from moe_replay.integrations.hf_families import FAMILIES
+    from moe_replay.integrations.hf_router import recognise
+
+    block, _ = _phimoe_block(0)
+    block.router.top_k = 3
+    with pytest.raises(ValueError, match="routes exactly 2 experts, got top_k=3"):
+        recognise(FAMILIES["phimoe"], block, "router", where="phimoe")

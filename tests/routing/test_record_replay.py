@@ -74,9 +74,10 @@ def perturb_routers(net: Net, scale: float = 0.3, seed: int = 7) -> None:
 
 
 def assert_no_state(net: Net) -> None:
+    scopes = sites.open_scopes()
     for block in net.blocks:
         site = sites.site_of(block.moe)
-        assert site.replay is None and site.recorders == []
+        assert site not in scopes.replays and site not in scopes.recorders
 
 
 # ----------------------------------------------------------------------------- record
@@ -197,26 +198,35 @@ def test_free_slots_take_the_routers_own_choice_no_pile_up_on_expert_0():
     assert used == own
 
 
-def test_replay_none_freezes_the_first_forward():
+def test_replay_none_lets_the_router_decide_every_new_forward():
+    # Freeze around a gradient-accumulation loop: each micro-batch is routed by the router on its
+    # own tokens, never with an earlier micro-batch's ids (same token count included).
     net = make_net()
-    x = batch()
+    x1, x2 = batch(seed=1), batch(seed=2)
+    with mr.record(net) as own1:
+        net(x1)
+    with mr.record(net) as own2:
+        net(x2)
+    assert own1 != own2
     with mr.replay(net, None), mr.record(net) as used:
-        net(x)
-        perturb_routers(net, scale=3.0)
-        net(x)  # the same batch again: reuses the first forward's ids
-    first, second = used.slice(0, 5, dim=1), used.slice(5, 10, dim=1)
-    assert first == second
-    with mr.record(net) as free:
-        net(x)
-    assert free != first  # the perturbation would have changed the routing
-
-
-def test_a_scope_reuses_ids_only_for_the_same_token_count():
-    net = make_net()
+        net(x1).sum().backward()
+        net(x2).sum().backward()
+    assert used.slice(0, 5, dim=1) == own1 and used.slice(5, 10, dim=1) == own2
     with mr.replay(net, None):
         net(batch(S=5))
-        with pytest.raises(ValueError, match=r"blocks\.0\.moe.*\[3, 4\].*\[3, 5\]"):
-            net(batch(S=4))
+        net(batch(S=4))  # another token count is just another forward
+
+
+def test_a_second_forward_with_one_trace_is_an_error_that_explains_micro_batches():
+    net = make_net()
+    x = batch()
+    with mr.record(net) as trace:
+        net(x)
+    with mr.replay(net, trace):
+        net(x)
+        with pytest.raises(ValueError, match=r"blocks\.0\.moe.*forward 2.*trace\.split"):
+            net(x)
+    assert_no_state(net)
 
 
 def test_strict_missing_and_extra_layers():
@@ -316,7 +326,7 @@ def test_replay_scopes_do_not_nest_and_forced_ids_inside_replay_are_refused():
 
 
 def test_replay_rejects_a_non_trace():
-    with pytest.raises(TypeError, match="RoutingTrace or None"), mr.replay(make_net(), {"a": 1}):  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="RoutingTrace, a list of them"), mr.replay(make_net(), {"a": 1}):  # type: ignore[arg-type]
         pass
 
 
@@ -381,24 +391,36 @@ def test_checkpoint_recompute_routes_exactly_like_the_forward_on_near_ties(use_r
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
-def test_near_tie_construction_flips_recompute_without_the_scope_cache(use_reentrant, monkeypatch):
-    # Control for the test above: with the per-scope reuse of resolved ids disabled, the same run
-    # routes the recompute differently (or torch's non-reentrant checkpoint notices the change).
-    original = sites.ReplayState.route
-
-    def no_reuse(self, num_tokens, route_fn, lead_shape=None):
-        self.resolved_TK = None
-        return original(self, num_tokens, route_fn, lead_shape)
-
-    monkeypatch.setattr(sites.ReplayState, "route", no_reuse)
+def test_near_tie_construction_flips_recompute_without_moe_replay(use_reentrant):
+    # Control for the test above: without any site the same run routes the recompute differently
+    # (or torch's non-reentrant checkpoint notices the change in a saved tensor's shape).
     net = near_tie_net(use_reentrant)
+    x = near_tie_input()
     try:
-        run_with_flip(net, None)
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            for block in net.blocks:
+                sites.unmark_site(block.moe)
+            y = net(x)
+            flip_tie(net)
+            y.square().mean().backward()
     except torch.utils.checkpoint.CheckpointError:
         assert not use_reentrant
         return
     forward, recompute = net.blocks[0].seen
     assert (forward[..., 1] == 1).all() and (recompute[..., 1] == 2).all()
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_a_recompute_whose_forward_stored_no_routes_is_an_error(use_reentrant, monkeypatch):
+    # If the forward's checkpoint region is not found (e.g. hidden by another saved-tensor hook),
+    # the recompute refuses to route afresh instead of silently differing from the forward.
+    monkeypatch.setattr(sites, "_forward_region", lambda: None)
+    net = make_net(use_reentrant=use_reentrant)
+    x = batch().requires_grad_()
+    with mr.replay(net, None):
+        y = net(x)
+    with pytest.raises(RuntimeError, match=r"recomputed by activation checkpointing.*call 1"):
+        y.sum().backward()
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])

@@ -12,7 +12,9 @@ to the same float32 (sigmoid(17) == sigmoid(20) == 1.0). Group scores are always
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 
 import numpy as np
 import pytest
@@ -430,3 +432,116 @@ def test_bad_arguments_raise(kwargs: dict, error: type, match: str) -> None:
 def test_bad_bias_raises(bias: torch.Tensor | None, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         mr.route(LOGITS, cfg_of(8, 2, score_bias=True), bias=bias)
+
+
+# ----------------------------------------------------------------------------- checks without a sync
+
+DEVICE_CHECK_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton kernels need a GPU or TRITON_INTERPRET=1",
+))]  # fmt: skip
+
+
+def naive_bad_rows(forced: torch.Tensor, E: int) -> list[int]:
+    """The rows a validating loop would refuse: an id outside [-1, E) or an expert twice."""
+    bad = []
+    for t, row in enumerate(forced.tolist()):
+        chosen = [e for e in row if e >= 0]
+        if any(e < -1 or e >= E for e in row) or len(set(chosen)) != len(chosen):
+            bad.append(t)
+    return bad
+
+
+@pytest.mark.parametrize("backend", DEVICE_CHECK_BACKENDS)
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {},  # every row valid: the same routing as a host-checked call
+        {3: [5, 5, -1]},  # a repeat
+        {1: [0, 9, -1], 6: [2, 2, 2]},  # out of range first, a repeat later
+        {0: [-2, 1, 2]},  # below -1, in the first row
+    ],
+)
+def test_device_check_poisons_bad_rows_and_raises_later(backend, bad):
+    from moe_replay.backends.registry import get_backend
+
+    route_mod = importlib.import_module("moe_replay.routing.route")
+
+    cfg = mr.MoEConfig(num_experts=8, top_k=3, hidden_size=4, intermediate_size=4)
+    T = 9
+    logits = torch.randn(T, 8, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    forced = torch.full((T, 3), -1, dtype=torch.int32)
+    forced[:, 0] = torch.arange(T) % 8
+    for row, ids in bad.items():
+        forced[row] = torch.tensor(ids)
+    expected_bad = naive_bad_rows(forced, 8)
+    assert expected_bad == sorted(bad)
+    good = [t for t in range(T) if t not in expected_bad]
+    reference = mr.route(logits.detach()[good], cfg, forced[good], backend="torch")
+    impl = get_backend(backend, "cpu")
+    for raised_by in ("backward", "next route call"):
+        r = route_mod.route_checked_on_device(impl, logits, cfg, forced, None)
+        nan_rows = r.weights.isnan().any(dim=1).nonzero().flatten().tolist()
+        assert nan_rows == expected_bad
+        assert torch.equal(r.expert_ids[good], reference.expert_ids)
+        torch.testing.assert_close(r.weights[good].detach(), reference.weights)
+        if not expected_bad:
+            r.weights.sum().backward()  # no error anywhere
+            mr.route(logits.detach(), cfg)
+            return
+        message = rf"forced_expert_ids row {expected_bad[0]} holds"
+        with pytest.raises(ValueError, match=message):
+            if raised_by == "backward":  # before gradients flow
+                r.weights.sum().backward()
+            else:
+                mr.route(logits.detach(), cfg)
+        mr.route(logits.detach(), cfg)  # raised once, then done
+
+
+def test_validate_none_checks_on_the_host_on_the_cpu_and_false_checks_nothing():
+    cfg = mr.MoEConfig(num_experts=8, top_k=2, hidden_size=4, intermediate_size=4)
+    logits = torch.randn(3, 8)
+    forced = torch.tensor([[0, 1], [2, 2], [-1, -1]])
+    with pytest.raises(ValueError, match="row 1 holds"):
+        mr.route(logits, cfg, forced, validate=None)
+    assert mr.route(logits, cfg, forced, validate=False).expert_ids.shape == (3, 2)
+    with pytest.raises(TypeError, match="validate must be True, False or None"):
+        mr.route(logits, cfg, forced, validate="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_forward_with_forced_ids_needs_no_sync_and_captures_in_a_cuda_graph():
+    cfg = mr.MoEConfig(num_experts=16, top_k=4, hidden_size=64, intermediate_size=32)
+    moe = mr.MoE(cfg, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
+    forced = torch.stack([torch.randperm(16, device="cuda")[:4] for _ in range(32)]).int()
+    forced[::3, 1] = -1
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        y_checked = moe(x, forced_expert_ids=forced, validate=True)
+        moe(x, forced_expert_ids=forced)  # allocates the thread's pinned check flags, once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any host synchronisation below raises
+        try:
+            moe(x, forced_expert_ids=forced)
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                moe(x, forced_expert_ids=forced)  # warm-up on the capture stream
+                with torch.cuda.graph(graph, stream=stream):
+                    y_graph = moe(x, forced_expert_ids=forced)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(y_graph, y_checked, rtol=0, atol=0)
+    bad = forced.clone()
+    bad[5, 2] = bad[5, 0]
+    with torch.no_grad():
+        y = moe(x, forced_expert_ids=bad)
+        torch.cuda.synchronize()
+        assert y[5].isnan().all() and not y[:5].isnan().any()
+        with pytest.raises(ValueError, match="row 5 holds"):
+            moe(x)

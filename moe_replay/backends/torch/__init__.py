@@ -20,8 +20,9 @@ class TorchBackend(Backend):
         cfg: MoEConfig,
         forced_TK: torch.Tensor | None,
         bias_E: torch.Tensor | None,
+        bad_row_flag: torch.Tensor | None = None,
     ) -> Routing:
-        return route.route(logits_TE, cfg, forced_TK, bias_E)
+        return route.route(logits_TE, cfg, forced_TK, bias_E, bad_row_flag)
 
     def dispatch(self, expert_ids_MR: torch.Tensor, num_experts: int) -> ExpertBuckets:
         return dispatch.dispatch(expert_ids_MR, num_experts)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_replay.config import MoEConfig
-from moe_replay.routing.route import Routing
+from moe_replay.routing.route import Routing, bad_forced_rows
 
 
 def _descending_order(scores_TE: torch.Tensor) -> torch.Tensor:
@@ -90,8 +90,20 @@ def gate_weights(logits_TE: torch.Tensor, ids_TK: torch.Tensor, cfg: MoEConfig) 
 
 
 def route(
-    logits_TE: torch.Tensor, cfg: MoEConfig, forced_TK: torch.Tensor | None, bias_E: torch.Tensor | None
+    logits_TE: torch.Tensor,
+    cfg: MoEConfig,
+    forced_TK: torch.Tensor | None,
+    bias_E: torch.Tensor | None,
+    bad_row_flag: torch.Tensor | None = None,
 ) -> Routing:
     select_TE = selection_scores(logits_TE, cfg, bias_E)
     ids_TK = select_experts(select_TE, cfg.top_k, forced_TK)
-    return Routing(ids_TK.to(torch.int32), gate_weights(logits_TE, ids_TK, cfg))
+    weights_TK = gate_weights(logits_TE, ids_TK, cfg)
+    if bad_row_flag is not None and forced_TK is not None and forced_TK.shape[0]:
+        # The device-side check (Backend.route): NaN weights for bad rows, T - first bad row.
+        T = forced_TK.shape[0]
+        bad_T = bad_forced_rows(forced_TK, cfg.num_experts)
+        countdown_T = torch.arange(T, 0, -1, device=bad_T.device, dtype=torch.int32)
+        bad_row_flag.copy_(torch.where(bad_T, countdown_T, 0).max().view(1))
+        weights_TK = torch.where(bad_T[:, None], float("nan"), weights_TK)
+    return Routing(ids_TK.to(torch.int32), weights_TK)

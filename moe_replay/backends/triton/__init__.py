@@ -57,8 +57,9 @@ class TritonBackend(Backend):
         cfg: MoEConfig,
         forced_TK: torch.Tensor | None,
         bias_E: torch.Tensor | None,
+        bad_row_flag: torch.Tensor | None = None,
     ) -> Routing:
-        return route.route(logits_TE, cfg, forced_TK, bias_E)
+        return route.route(logits_TE, cfg, forced_TK, bias_E, bad_row_flag)
 
     @torch.compiler.disable
     def dispatch(self, expert_ids_MR: torch.Tensor, num_experts: int) -> ExpertBuckets:

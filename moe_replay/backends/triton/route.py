@@ -31,6 +31,7 @@ def _route_fwd_kernel(
     forced_ptr,
     ids_ptr,
     weights_ptr,
+    flag_ptr,
     T,
     E,
     scale,
@@ -42,6 +43,7 @@ def _route_fwd_kernel(
     NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_FORCED: tl.constexpr,
+    CHECK: tl.constexpr,
     LOGIT_IN_KEY: tl.constexpr,
     N_GROUP: tl.constexpr,
     TOPK_GROUP: tl.constexpr,
@@ -112,6 +114,15 @@ def _route_fwd_kernel(
         # One load of the [BLOCK_T, K] tile: per-slot loads inside the loops below would each wait
         # on global memory (8 us of a 61 us decode step at top-8, H100).
         forced = tl.load(forced_ptr + rows64[:, None] * K + k_cols[None, :], mask=slot_ok, other=-1)
+        if CHECK:  # routing.route.bad_forced_rows, on the tile already loaded
+            bad = slot_ok & ((forced < -1) | (forced >= E))
+            for j in range(K):
+                f_j = tl.sum(tl.where(k_cols[None, :] == j, forced, 0), 1)
+                bad = bad | (slot_ok & (k_cols[None, :] > j) & (forced >= 0) & (forced == f_j[:, None]))
+            bad_row = (tl.max(bad.to(tl.int32), 1) > 0) & row_ok
+            countdown = tl.max(tl.where(bad_row, T - rows, 0), 0)  # T - the block's first bad row
+            if countdown > 0:
+                tl.atomic_max(flag_ptr, countdown)
         forced = tl.where((forced >= 0) & (forced < E), forced, -1)  # validate=False: out of range is free
         ids = forced
         free = slot_ok & (forced < 0)
@@ -150,6 +161,8 @@ def _route_fwd_kernel(
     else:  # the softmax at the chosen logits, as the scores above computed it
         weights = tl.exp(picked_logits - row_max[:, None]) / row_sum[:, None]
     weights = weights * scale
+    if CHECK:
+        weights = tl.where(bad_row[:, None], float("nan"), weights)
 
     out = rows64[:, None] * K + k_cols[None, :]
     out_ok = row_ok[:, None] & k_ok[None, :]
@@ -254,8 +267,10 @@ def route_fwd(
     forced_TK: torch.Tensor | None,
     bias_E: torch.Tensor | None,
     tiles: dict | None = None,
+    bad_row_flag: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids_TK, weights_TK)``; ``tiles`` (``BLOCK_T``, ``num_warps``) overrides for tuning."""
+    """``(ids_TK, weights_TK)``; ``tiles`` (``BLOCK_T``, ``num_warps``) overrides for tuning;
+    ``bad_row_flag``: check the forced ids on the device (``Backend.route``)."""
     T, E = logits_TE.shape
     ids_TK = torch.empty(T, cfg.top_k, dtype=torch.int32, device=logits_TE.device)
     weights_TK = torch.empty(T, cfg.top_k, dtype=torch.float32, device=logits_TE.device)
@@ -265,9 +280,11 @@ def route_fwd(
     tiles = tiles or {"BLOCK_T": _block_t(shared["E_PAD"]), "num_warps": 4}
     forced = forced_TK.to(torch.int32).contiguous() if forced_TK is not None else ids_TK
     bias = bias_E.float().contiguous() if bias_E is not None else logits_TE
+    check = bad_row_flag is not None and forced_TK is not None
+    flag = bad_row_flag if check else ids_TK
     _route_fwd_kernel[(triton.cdiv(T, tiles["BLOCK_T"]),)](
-        logits_TE, bias, forced, ids_TK, weights_TK, T, E, float(cfg.routed_scaling_factor),
-        HAS_BIAS=bias_E is not None, HAS_FORCED=forced_TK is not None,
+        logits_TE, bias, forced, ids_TK, weights_TK, flag, T, E, float(cfg.routed_scaling_factor),
+        HAS_BIAS=bias_E is not None, HAS_FORCED=forced_TK is not None, CHECK=check,
         LOGIT_IN_KEY=bias_E is None and forced_TK is None and groups["N_GROUP"] == 1,
         **shared, **groups, **tiles,
     )  # fmt: skip
@@ -292,8 +309,8 @@ def route_bwd(
 
 class _Route(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_TE, forced_TK, bias_E, cfg):  # type: ignore[override]
-        ids_TK, weights_TK = route_fwd(logits_TE, cfg, forced_TK, bias_E)
+    def forward(ctx, logits_TE, forced_TK, bias_E, cfg, bad_row_flag):  # type: ignore[override]
+        ids_TK, weights_TK = route_fwd(logits_TE, cfg, forced_TK, bias_E, bad_row_flag=bad_row_flag)
         ctx.mark_non_differentiable(ids_TK)
         ctx.save_for_backward(logits_TE, ids_TK)
         ctx.cfg = cfg
@@ -302,15 +319,19 @@ class _Route(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _dids, dweights_TK):  # type: ignore[override]
         logits_TE, ids_TK = ctx.saved_tensors
-        return route_bwd(logits_TE, ids_TK, dweights_TK, ctx.cfg), None, None, None
+        return route_bwd(logits_TE, ids_TK, dweights_TK, ctx.cfg), None, None, None, None
 
 
 def route(
-    logits_TE: torch.Tensor, cfg: MoEConfig, forced_TK: torch.Tensor | None, bias_E: torch.Tensor | None
+    logits_TE: torch.Tensor,
+    cfg: MoEConfig,
+    forced_TK: torch.Tensor | None,
+    bias_E: torch.Tensor | None,
+    bad_row_flag: torch.Tensor | None = None,
 ) -> Routing:
     logits_TE = logits_TE.float().contiguous()
     if needs_autograd(logits_TE):
-        ids_TK, weights_TK = _Route.apply(logits_TE, forced_TK, bias_E, cfg)
+        ids_TK, weights_TK = _Route.apply(logits_TE, forced_TK, bias_E, cfg, bad_row_flag)
     else:
-        ids_TK, weights_TK = route_fwd(logits_TE, cfg, forced_TK, bias_E)
+        ids_TK, weights_TK = route_fwd(logits_TE, cfg, forced_TK, bias_E, bad_row_flag=bad_row_flag)
     return Routing(ids_TK, weights_TK)

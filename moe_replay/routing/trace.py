@@ -169,17 +169,12 @@ def _check_range(named: Sequence[tuple[str, torch.Tensor]], num_experts: int, to
     if all(ids.device.type == "cpu" for _, ids in named):
         # numpy, single-threaded: torch's parallel CPU reductions wait at a thread-pool barrier on
         # a loaded machine (a [32768, 48, 8] trace took ~0.5 s in torch ops on 2 busy cores).
-        bounds = [(int(a.min()), int(a.max())) for a in (_as_numpy(ids) for _, ids in named)]
+        bounds = [(int(a.min()), int(a.max())) for a in (ids.numpy() for _, ids in named)]
     else:
         bounds = torch.stack([torch.stack(torch.aminmax(ids)).long().cpu() for _, ids in named]).tolist()
     for (name, ids), (lo, hi) in zip(named, bounds):
         if lo < -1 or hi >= num_experts:
             raise _range_error(name, ids, num_experts, top_k)
-
-
-def _as_numpy(ids: torch.Tensor) -> np.ndarray:
-    """A CPU tensor as a numpy array (no copy; uint16/uint32 are not numpy-convertible in torch)."""
-    return ids.numpy()
 
 
 def _to_compact(

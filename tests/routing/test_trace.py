@@ -847,6 +847,12 @@ def test_saving_over_a_file_keeps_its_mode_and_follows_a_symlink(tmp_path):
     make_trace(seed=2).save(link)  # the target is replaced, the link kept
     assert link.is_symlink() and mr.RoutingTrace.load(path) == make_trace(seed=2)
     assert sorted(os.listdir(tmp_path)) == ["latest.safetensors", "t.safetensors"]
+    dangling = tmp_path / "next.safetensors"
+    dangling.symlink_to("created.safetensors")
+    make_trace(seed=3).save(dangling)  # a dangling link gets its target created
+    assert dangling.is_symlink() and mr.RoutingTrace.load(tmp_path / "created.safetensors") == make_trace(
+        seed=3
+    )
 
 
 @pytest.mark.parametrize(

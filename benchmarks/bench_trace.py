@@ -11,17 +11,30 @@
     also times what ``record`` adds without the forward (scope entry and exit, one recorder call
     per layer, routing precomputed) and reports it against the fastest forward.
     Target: under 2 %.
-(b) ``save`` / ``load``: a trace of ``[tokens, layers, K]`` random ids (int16 on disk), each
-    timed as the median of several runs; ``save`` includes the fsync and the atomic rename.
-    Target: under 1 s each for ``[32768, 48, 8]``.
+(b) ``save`` / ``load``: a trace of ``[tokens, layers, K]`` random ids (compact: int8 for 128
+    experts), each timed as the median of several runs; ``save`` includes the fsync and the atomic
+    rename. Target: under 1 s each for ``[32768, 48, 8]``.
+(c) ``decode``: R SGLang responses of N tokens x L layers x K (``meta_info["routed_experts"]``,
+    base64 of int32 ``[N - 1, L, K]``, as the server sends them) decoded into one packed trace
+    (``engines.sglang_routes`` streamed through ``engines.batch_trace(..., packed=True)``), then
+    saved. The responses are cycled from a pool of distinct payloads (``--decode-pool``), so the
+    machine holds the pool and the trace, not R payloads; each response is decoded from its
+    string as a client would. Run twice (``--decode-repeats``): on a VM the first run also pays
+    for touching fresh memory (3 GB took ~8 s of page faults here), the second reuses it. A plain
+    write+fsync of the same bytes beside each save shows the disk's floor. Target: R = 1000, N = 8192, L = 48, K = 8 under 10 s on a 2-core
+    machine (a 3.1 GB int8 trace, 16.8 GB of base64). The base64 decoder matters most: pybase64
+    (the ``engines`` extra) when installed, else the standard library.
 
-Prints a table and writes the same numbers as JSON (``--json``).
+Prints a table and appends the same numbers as JSON lines (``--json``, e.g.
+``benchmarks/results/bench_trace.jsonl``): one record per part in the form every results file
+has (commit, gpu, shape: the part, impl, figures), with the machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import base64
+import gc
 import os
 import platform
 import statistics
@@ -32,6 +45,7 @@ import torch
 from torch import nn
 
 import moe_replay as mr
+from moe_replay.bench import append_records, current_commit
 from moe_replay.routing.sites import route_at_site, site_of
 
 
@@ -172,6 +186,112 @@ def bench_files(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def bench_decode(args: argparse.Namespace) -> dict[str, object]:
+    from moe_replay.routing import engines
+
+    R, N, L, K, E = (
+        args.decode_responses,
+        args.decode_tokens,
+        args.decode_layers,
+        args.decode_top_k,
+        args.decode_experts,
+    )
+    g = torch.Generator().manual_seed(0)
+    pool = []
+    for _ in range(args.decode_pool):
+        # ids need not be distinct within a row: the cost is the same
+        ids = torch.randint(0, E, (N - 1, L, K), generator=g, dtype=torch.int32)
+        pool.append(base64.b64encode(ids.numpy().tobytes()).decode())
+    names = [f"model.layers.{i}.mlp" for i in range(L)]
+    lengths = [N] * R
+    payload_bytes = sum(len(pool[i % len(pool)]) for i in range(R))
+    gc.collect()
+
+    def responses():
+        for i in range(R):
+            response = {"meta_info": {"routed_experts": pool[i % len(pool)]}}
+            yield engines.sglang_routes(response, num_tokens=N, num_layers=L, top_k=K, num_experts=E)
+
+    runs = []
+    for _ in range(args.decode_repeats):
+        start, cpu = time.perf_counter(), time.process_time()
+        trace = engines.batch_trace(responses(), layers=names, num_experts=E, packed=True, num_tokens=lengths)
+        decode_s, decode_cpu_s = time.perf_counter() - start, time.process_time() - cpu
+        data = trace.to_tensor().numpy()
+        saves, floors, save_cpu = [], [], []
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            path = os.path.join(tmp, "rollout_routes.safetensors")
+            # Saves alternate with a plain write+fsync of the same bytes (the disk's floor), in the
+            # order floor, save, save, floor: on a VM the first large write into page cache that
+            # was never touched costs several times the later ones, whichever write it is.
+            for what in ("floor", "save", "save", "floor"):
+                start, cpu = time.perf_counter(), time.process_time()
+                if what == "save":
+                    trace.save(path)
+                    save_cpu.append(time.process_time() - cpu)
+                    size = os.path.getsize(path)
+                else:
+                    with open(path, "wb") as f:
+                        f.write(memoryview(data.reshape(-1)))
+                        f.flush()
+                        os.fsync(f.fileno())
+                (saves if what == "save" else floors).append(time.perf_counter() - start)
+                os.unlink(path)
+        runs.append(
+            {
+                "decode_s": decode_s,
+                "decode_cpu_s": decode_cpu_s,
+                "save_s": min(saves),
+                "save_cpu_s": min(save_cpu),
+                "write_floor_s": min(floors),
+                "total_s": decode_s + min(saves),
+                "save_s_all": saves,
+                "write_floor_s_all": floors,
+            }
+        )
+        nbytes, dtype = trace.nbytes, str(trace.dtype).removeprefix("torch.")
+        del trace, data
+        gc.collect()
+    return {
+        "responses": R,
+        "tokens_per_response": N,
+        "layers": L,
+        "top_k": K,
+        "num_experts": E,
+        "pool": len(pool),
+        "base64_decoder": "pybase64" if engines._fast_b64 is not None else "stdlib",
+        "payload_bytes_base64": payload_bytes,
+        "trace_bytes": nbytes,
+        "trace_dtype": dtype,
+        "file_bytes": size,
+        "runs": runs,
+        "load_average_1_min": os.getloadavg()[0],
+    }
+
+
+def print_decode(dec: dict) -> None:
+    print(
+        f"decode SGLang responses into a packed trace and save it: {dec['responses']} x "
+        f"[{dec['tokens_per_response']} tokens, {dec['layers']} layers, {dec['top_k']}], "
+        f"num_experts={dec['num_experts']}, base64 by {dec['base64_decoder']}; "
+        f"{dec['payload_bytes_base64'] / 2**30:.2f} GiB of base64 -> {dec['trace_bytes'] / 2**30:.2f} GiB "
+        f"{dec['trace_dtype']} trace"
+    )
+    print(
+        f"  {'run':<6} {'decode+pack':>12} {'(cpu)':>8} {'save':>8} {'(cpu)':>8} {'total':>8} "
+        f"{'plain write+fsync':>18}   (target: total < 10 s)"
+    )
+    for i, run in enumerate(dec["runs"]):
+        label = "cold" if i == 0 else "warm"  # the first run touches the trace's memory for the first time
+        print(
+            f"  {label:<6} {run['decode_s']:11.2f}s {run['decode_cpu_s']:7.2f}s {run['save_s']:7.2f}s "
+            f"{run['save_cpu_s']:7.2f}s {run['total_s']:7.2f}s {run['write_floor_s']:17.2f}s"
+        )
+    print(
+        f"  (cpu: this process's CPU time, less sensitive to other load; load average {dec['load_average_1_min']:.1f})"
+    )
+
+
 def print_record(rec: dict) -> None:
     print(
         f"recording overhead: T={rec['tokens']}, {rec['layers']} x mr.MoE(E={rec['num_experts']}, "
@@ -220,33 +340,47 @@ def main() -> int:
     p.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
     )
-    p.add_argument("--only", choices=("record", "files"), default=None, help="run one of the two parts")
-    p.add_argument("--json", default=None, help="write the results here as JSON")
+    p.add_argument("--decode-responses", type=int, default=1000)
+    p.add_argument("--decode-tokens", type=int, default=8192)
+    p.add_argument("--decode-layers", type=int, default=48)
+    p.add_argument("--decode-top-k", type=int, default=8)
+    p.add_argument("--decode-experts", type=int, default=128)
+    p.add_argument("--decode-pool", type=int, default=4, help="distinct payloads the responses cycle through")
+    p.add_argument(
+        "--decode-repeats", type=int, default=2, help="decode+save runs (the first touches cold memory)"
+    )
+    p.add_argument("--only", choices=("record", "files", "decode"), default=None, help="run one of the parts")
+    p.add_argument("--json", default=None, help="append the results here as JSON lines")
     args = p.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     rec = bench_record(args) if args.only in (None, "record") else None
     files = bench_files(args) if args.only in (None, "files") else None
+    dec = bench_decode(args) if args.only in (None, "decode") else None
     if rec is not None:
         print_record(rec)
     if files is not None:
         print_files(files, args.file_repeats)
+    if dec is not None:
+        print_decode(dec)
     if args.json:
-        result = {
-            "machine": {
-                "platform": platform.platform(),
-                "processor": platform.processor(),
-                "cpus": os.cpu_count(),
-                "torch_threads": torch.get_num_threads(),
-                "torch": torch.__version__,
-                "load_average_1_5_15_min": os.getloadavg(),
-            },
-            "record": rec,
-            "files": files,
+        machine = {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "load_average_1_5_15_min": os.getloadavg(),
         }
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        # The common record of benchmarks/results/ (commit, gpu, shape, impl, figures).
+        records = [
+            {"commit": current_commit(), "gpu": "none (CPU)", "shape": part, "impl": "moe_replay",
+             "machine": machine, "figures": result}
+            for part, result in (("record", rec), ("files", files), ("decode", dec))
+            if result is not None
+        ]  # fmt: skip
+        append_records(args.json, records)
     return 0
 
 

@@ -1,5 +1,6 @@
 """Routing: ``route`` (ids and weights from logits), routing sites, ``record``/``replay``, traces."""
 
+from moe_replay.routing.bridges import from_routed_experts, to_routed_experts
 from moe_replay.routing.compare import CompareReport, LayerMismatch, compare
 from moe_replay.routing.context import record, replay
 from moe_replay.routing.engines import (
@@ -20,10 +21,12 @@ __all__ = [
     "batch_trace",
     "compare",
     "engine_layer_map",
+    "from_routed_experts",
     "record",
     "replay",
     "route",
     "sequence_routes",
     "sglang_routes",
+    "to_routed_experts",
     "vllm_routes",
 ]

@@ -2,6 +2,9 @@
 
 ``cli.py`` imports this module to build its parser, so heavy imports wait inside ``run_*``.
 
+``info`` reads the file through :meth:`RoutingTrace.load`, which checks the header before the
+body: a foreign, damaged or huge-claiming file is refused after reading its header.
+
 Expert load (``info``): per layer, the number of routed slots each expert received (``-1``
 slots are not counted). The summary gives min / max / mean load, the max/mean ratio (1.0 is a
 perfectly balanced layer) and the number of idle experts (load 0).
@@ -71,6 +74,8 @@ def run_info(args: argparse.Namespace) -> int:
         "tokens": trace.num_tokens,
         "top_k": trace.top_k,
         "num_experts": trace.num_experts,
+        "dtype": str(trace.dtype).removeprefix("torch."),
+        "packed_sequences": trace.num_rows if trace.is_packed else None,
         "free_slots": free,
         "load": load_summary(trace),
     }
@@ -80,7 +85,8 @@ def run_info(args: argparse.Namespace) -> int:
     print(
         f"{args.trace}: {trace.num_layers} layers, {trace.num_tokens} tokens "
         f"(token shape {list(trace.token_shape)}), top_k={trace.top_k}, num_experts={trace.num_experts}, "
-        f"{free} free (-1) slots"
+        f"{free} free (-1) slots, ids {summary['dtype']}"
+        + (f", packed: {trace.num_rows} sequences" if trace.is_packed else "")
     )
     if not trace.num_layers:
         return 0

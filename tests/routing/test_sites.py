@@ -284,22 +284,12 @@ def test_ddp_prefix_is_ignored():
 
 
 def tiny_qwen3_moe() -> nn.Module:
+    """The project's small random Qwen3-MoE (8 experts, top-2), attached."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        moe_intermediate_size=8,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        num_experts=E,
-        num_experts_per_tok=K,
-        decoder_sparse_step=1,
-        max_position_embeddings=64,
-    )
+    from moe_replay.integrations.hf_configs import SmallShape, small_config
+
     torch.manual_seed(0)
+    config = small_config("qwen3_moe", SmallShape(experts=E, top_k=K))
     model = transformers.AutoModelForCausalLM.from_config(config).float()
     mr.hf.attach(model)
     return model

@@ -87,3 +87,25 @@ def test_bad_files_exit_1_with_the_reason(files, tmp_path, capsys):
     other.save(tmp_path / "other.safetensors")
     assert run("diff", pa, str(tmp_path / "other.safetensors")) == 1
     assert "cannot compare" in capsys.readouterr().err
+
+
+def test_info_of_a_packed_trace_names_its_sequences_and_dtype(tmp_path, capsys):
+    ids = torch.tensor([[0, 1], [2, 3], [1, 0], [3, -1], [-1, -1]])
+    packed = mr.RoutingTrace({"a": ids}, num_experts=4, top_k=2, cu_seqlens=torch.tensor([0, 2, 5]))
+    path = tmp_path / "packed.safetensors"
+    packed.save(path)
+    assert run("info", str(path)) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "5 tokens (token shape [5])" in first and first.endswith("ids int8, packed: 2 sequences")
+    assert run("info", str(path), "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["dtype"], data["packed_sequences"], data["free_slots"]) == ("int8", 2, 3)
+
+
+def test_info_refuses_tiny_huge_claiming_and_device_files_quickly(tmp_path, capsys):
+    tiny = tmp_path / "tiny.safetensors"
+    tiny.write_bytes((2**62).to_bytes(8, "little") + b"{}" * 8)  # 24 bytes claiming a 4 EiB header
+    assert run("info", str(tiny)) == 1
+    assert "the header claims 4611686018427387904 bytes, only 16 follow" in capsys.readouterr().err
+    assert run("info", "/dev/zero") == 1
+    assert "not a regular file" in capsys.readouterr().err

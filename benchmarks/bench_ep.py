@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--transports",
         default=None,
-        help="alltoall transports to time and check, comma-separated: peers, collectives, auto (cases "
+        help="alltoall transports to time and check, comma-separated: collectives, peers (cases "
         "alltoall/<transport>; default: the dispatcher's default, case alltoall)",
     )
     p.add_argument("--backend", default=None, help="moe_replay backend (default: automatic)")
@@ -142,8 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.chunks = [int(c) for c in args.chunks.split(",") if c] if args.chunks else []
     args.transports = [t for t in args.transports.split(",") if t] if args.transports else []
     for transport in args.transports:
-        if transport not in ("peers", "collectives", "auto"):
-            p.error(f"--transports: {transport!r} is not one of peers, collectives, auto")
+        if transport not in ("collectives", "peers"):
+            p.error(f"--transports: {transport!r} is not one of collectives, peers")
     if args.chunks and args.transports:
         p.error("--chunks and --transports do not combine (peers runs one chunk)")
     for mode in args.modes:
@@ -250,15 +250,14 @@ def ep_cases(modes: list[str], args: argparse.Namespace) -> list[str]:
     return cases
 
 
-def configure(layer: mr.MoE, case: str) -> None:
-    """Set the dispatcher options ``case`` names (see :func:`ep_cases`)."""
-    option = case.split("/")[1] if "/" in case else None
-    if option is None:
-        return
+def ep_config(case: str) -> mr.EPConfig:
+    """The layer's ``EPConfig`` for ``case`` (see :func:`ep_cases`)."""
+    mode, _, option = case.partition("/")
+    if not option:
+        return mr.EPConfig(mode=mode)
     if option[0] == "c" and option[1:].isdigit():
-        layer.ep.dispatcher.chunks = int(option[1:])
-    else:
-        layer.ep.dispatcher.transport = option
+        return mr.EPConfig(mode=mode, chunks=int(option[1:]))
+    return mr.EPConfig(mode=mode, transport=option)
 
 
 def equality_case(
@@ -292,9 +291,9 @@ def equality_case(
     y_ref.backward(grad_SH)
 
     for case in cases:
-        mode = case.split("/")[0]
-        ep = mr.MoE(cfg, backend=backend, device=device, dtype=dtype, ep_group=dist.group.WORLD, ep_mode=mode)
-        configure(ep, case)
+        ep = mr.MoE(
+            cfg, backend=backend, device=device, dtype=dtype, ep_group=dist.group.WORLD, ep=ep_config(case)
+        )
         ep.load_state_dict(ref.state_dict())
         x = x_SH[rows].clone().requires_grad_()
         y = ep(x, forced_expert_ids=forced_SK[rows])
@@ -512,9 +511,8 @@ def run_timing(args: argparse.Namespace, device: torch.device, report: Report) -
                         device=device,
                         dtype=dtype,
                         ep_group=dist.group.WORLD,
-                        ep_mode=case.split("/")[0],
+                        ep=ep_config(case),
                     )
-                    configure(layer, case)
                 mine = time_layer(layer, T, cfg, args, device)
                 del layer
                 per_rank: list[dict[str, dict[str, float]]] = [{} for _ in range(world)]
@@ -568,10 +566,10 @@ def run_profile(T: int, args: argparse.Namespace, device: torch.device) -> None:
     prints the ops by host time and by device time (the dispatcher's phases appear as
     ``moe_replay.alltoall.*`` ranges)."""
     _, cfg, dtype = timing_config(args, device)
+    case = ep_cases(["alltoall"], args)[0]  # the first of --chunks or --transports
     layer = mr.MoE(
-        cfg, backend=args.backend, device=device, dtype=dtype, ep_group=dist.group.WORLD, ep_mode="alltoall"
+        cfg, backend=args.backend, device=device, dtype=dtype, ep_group=dist.group.WORLD, ep=ep_config(case)
     )
-    configure(layer, ep_cases(["alltoall"], args)[0])  # the first of --chunks or --transports
     x, _, trace = rank_inputs(T, cfg, dtype, device)
     x.requires_grad_()
     model = nn.Sequential(layer)

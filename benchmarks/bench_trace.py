@@ -25,8 +25,9 @@
     machine (a 3.1 GB int8 trace, 16.8 GB of base64). The base64 decoder matters most: pybase64
     (the ``engines`` extra) when installed, else the standard library.
 
-Prints a table and writes the same numbers as JSON lines (``--json``: one object per part, with
-the machine), appending.
+Prints a table and appends the same numbers as JSON lines (``--json``, e.g.
+``benchmarks/results/bench_trace.jsonl``): one record per part in the form every results file
+has (commit, gpu, shape: the part, impl, figures), with the machine.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import base64
 import gc
-import json
 import os
 import platform
 import statistics
@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 import moe_replay as mr
+from moe_replay.bench import append_records, current_commit
 from moe_replay.routing.sites import route_at_site, site_of
 
 
@@ -372,10 +373,14 @@ def main() -> int:
             "torch": torch.__version__,
             "load_average_1_5_15_min": os.getloadavg(),
         }
-        with open(args.json, "a") as f:
-            for part, result in (("record", rec), ("files", files), ("decode", dec)):
-                if result is not None:
-                    f.write(json.dumps({"part": part, "machine": machine, **result}) + "\n")
+        # The common record of benchmarks/results/ (commit, gpu, shape, impl, figures).
+        records = [
+            {"commit": current_commit(), "gpu": "none (CPU)", "shape": part, "impl": "moe_replay",
+             "machine": machine, "figures": result}
+            for part, result in (("record", rec), ("files", files), ("decode", dec))
+            if result is not None
+        ]  # fmt: skip
+        append_records(args.json, records)
     return 0
 
 

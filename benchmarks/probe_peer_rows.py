@@ -7,7 +7,7 @@ rank to each rank, itself included, as the peer transport moves them), times wit
 NCCL's ``all_to_all_single`` of the same rows and ``pull_rows`` (by token) for each tile setting
 of the sweep, after checking that each delivers the same rows. Prints the slowest rank's time and
 the GB/s each rank sends the others at that time; then the forward's combine writing its rows
-home (``gather_sum`` into ``PeerRows``) for each tile setting, against the local combine. GPU
+home (``PeerRows.write``: ``triton_ops.combine_to_peers``) for each tile setting, against the local combine. GPU
 only. (The way back, ``push_rows``, is
 copies: ``benchmarks/probe_copy_engine.py``.)
 """
@@ -22,11 +22,11 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from moe_replay.backends.base import PeerExchange, PeerRows
 from moe_replay.backends.triton import combine
-from moe_replay.backends.triton import peers as kernels
 from moe_replay.bench import write_json
 from moe_replay.parallel.peers import peer_memory
+from moe_replay.parallel.peers import triton_ops as kernels
+from moe_replay.parallel.peers.rows import PeerExchange, PeerRows
 
 
 def device_ms(fn, iters: int) -> float:  # type: ignore[no-untyped-def]
@@ -95,7 +95,7 @@ def main() -> int:
             f"pull  {block_m:>3} x {block_x:>4}, {warps} warps: {ms:.3f} ms, {remote_gb / ms * 1e3:.0f} GB/s, {ok=}"
         )
 
-    # The forward's combine writing each received row's partial sum home (gather_sum to PeerRows),
+    # The forward's combine writing each received row's partial sum home (PeerRows.write),
     # against the same combine into a local tensor: R = 2K slots a row, about 2.2 of them routed
     # here (E = 128, K = 8 on 4 ranks), as at T = 16384 per rank.
     M, K = W * n, 8
@@ -107,23 +107,21 @@ def main() -> int:
     weights_MR = torch.rand(M, 2 * K, generator=gen, device=device)
     y_NH = torch.randn(P, H, generator=gen, device=device).to(torch.bfloat16)
     back = memory.area(0, (M, H), torch.bfloat16)  # reuses x's rows: the pull is done
-    home = PeerRows(back, exchange)
+    home = PeerRows(back, exchange, kernels=True)
     local = combine.gather_sum(y_NH, slot_MR, weights_MR, torch.bfloat16)
     ms = device_ms(lambda: combine.gather_sum(y_NH, slot_MR, weights_MR, torch.bfloat16), args.iters)
     results["combine_local"] = {"ms": ms}
     say(f"combine, local rows: {ms:.3f} ms")
     results["combine_to_peers"] = []
     for block_m, block_h, warps in itertools.product((2, 4, 8, 16), (1024, 2048), (4, 8, 16)):
-        combine.TO_PEERS.update(BLOCK_M=block_m, BLOCK_H=block_h, num_warps=warps)
+        kernels.TO_PEERS.update(BLOCK_M=block_m, BLOCK_H=block_h, num_warps=warps)
         memory.barrier()
-        combine.gather_sum(y_NH, slot_MR, weights_MR, torch.bfloat16, home)
+        home.write(y_NH, slot_MR, weights_MR, torch.bfloat16)
         memory.barrier()
         # Receiver d's row m from origin s sits at s's place: check this rank's own block.
         mine = exchange.blocks()[0]
         ok = torch.equal(back.views[rank][mine[2]], local[mine[1]])
-        ms = device_ms(
-            lambda: combine.gather_sum(y_NH, slot_MR, weights_MR, torch.bfloat16, home), args.iters
-        )
+        ms = device_ms(lambda: home.write(y_NH, slot_MR, weights_MR, torch.bfloat16), args.iters)
         results["combine_to_peers"].append({"block_m": block_m, "block_h": block_h, "warps": warps, "ms": ms,
                                             "ok": ok, "gb_per_s": remote_gb / ms * 1e3})  # fmt: skip
         say(f"combine home {block_m:>3} x {block_h:>4}, {warps:>2} warps: {ms:.3f} ms, {ok=}")

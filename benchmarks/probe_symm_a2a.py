@@ -4,7 +4,7 @@
 
 The ``alltoall`` dispatcher waits on the host for the row counts (one sync per call) because
 ``all_to_all_single`` takes them as host ints; after that sync the call is bound by the host's
-launches (benchmarks/RESULTS.md, fourth session). ``torch.ops.symm_mem.all_to_all_vdev`` takes
+launches (benchmarks/RESULTS.md, expert parallelism). ``torch.ops.symm_mem.all_to_all_vdev`` takes
 the splits as a device tensor and writes the received splits and offsets on the device, so a
 dispatcher built on it needs no host sync at all. This script measures what that transport gets
 on the machine, on the dispatcher's sizes (``--rows`` bf16 rows of ``--hidden`` values from each

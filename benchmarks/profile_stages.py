@@ -2,7 +2,7 @@
 
     python benchmarks/profile_stages.py --tokens 4096,16384 --json stages.json
 
-For one shape of BENCHMARKS.md (``--shape``, default Qwen3-30B-A3B; bf16, uniform routing): each
+For one shape of ``moe_replay.bench.SHAPES`` (``--shape``, default Qwen3-30B-A3B; bf16, uniform routing): each
 stage alone (CUDA-graph timing for the
 small kernels, whose launch would otherwise dominate), a sweep of tile shapes for every grouped
 GEMM kernel with ``torch._grouped_mm`` on the same problem as the yardstick, and decode-size

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from moe_replay.config import MoEConfig
 from moe_replay.layers import MoE, QuantMoE
+from moe_replay.parallel.config import EPConfig
 from moe_replay.routing import CompareReport, Routing, RoutingTrace, compare, record, replay, route
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CompareReport",
+    "EPConfig",
     "MoE",
     "MoEConfig",
     "QuantMoE",

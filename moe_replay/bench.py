@@ -15,7 +15,7 @@ Implementations (``--impls``):
   grouped_mm    plain PyTorch: argsort -> torch._grouped_mm -> SwiGLU -> torch._grouped_mm -> index_add_
   liger         Liger-Kernel's LigerFusedMoEFunction (needs liger-kernel; LIGER_FUSED_MOE_AUTOTUNE=0)
 
-Method (BENCHMARKS.md): warm-up first (compilation excluded), CUDA-event medians through
+Method (``benchmarks/RESULTS.md``): warm-up first (compilation excluded), CUDA-event medians through
 ``triton.testing.do_bench``; for T <= 64 ten calls with ten different routings are captured in a
 CUDA graph and its replays are timed (so weights are not re-read from L2). FLOPs are 6*T*K*H*I per
 forward and three times that for forward+backward; the floor is max(FLOPs / 790e12,
@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
+import subprocess
 import time
 import traceback
 from collections.abc import Callable
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 
 import moe_replay as mr
 
-PEAK_FLOPS = 790e12  # bf16 dense, measured on these H100s (BENCHMARKS.md)
+PEAK_FLOPS = 790e12  # bf16 dense, measured on these H100s (benchmarks/RESULTS.md)
 PEAK_BYTES = 3.0e12  # device copy, read + write
 
 SHAPES: dict[str, dict] = {
@@ -92,6 +94,34 @@ def write_json(path: str | os.PathLike, data: object) -> None:
     tmp = f"{os.fspath(path)}.tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def current_commit() -> str:
+    """The short hash of the checkout being measured (``"unknown"`` outside a git checkout); a
+    ``+`` marks uncommitted changes."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        run = functools.partial(subprocess.run, cwd=root, capture_output=True, text=True, check=True)
+        commit = run(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
+        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+" if dirty else "")
+
+
+def append_records(path: str | os.PathLike, records: list[dict]) -> None:
+    """Append ``records`` to the JSON-lines file at ``path`` (one record a line; the file is
+    rewritten atomically with the old lines first, so a failed append leaves it as it was)."""
+    old = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if old and not old.endswith("\n"):
+            old += "\n"
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w") as f:
+        f.write(old + "".join(json.dumps(r) + "\n" for r in records))
     os.replace(tmp, path)
 
 
@@ -243,7 +273,7 @@ def measure(
     torch.manual_seed(seed)
     device = torch.device("cuda")
     moe = mr.MoE(cfg, backend="triton", device=device, dtype=torch.bfloat16)
-    if cfg.score_bias:
+    if moe.router.bias is not None:  # cfg.score_bias
         moe.router.bias.normal_(0, 0.01)
     graphed = graph_max_tokens >= T  # ten calls over ten routings, in a graph where capturable
     calls = GRAPH_CALLS if graphed else 1
@@ -340,8 +370,8 @@ def _measure_impl(
     r.fwdbwd_ms, timing_bwd = _time(fwdbwd, use_graph, calls)
     if timing_bwd != r.timing:
         r.notes.append(f"fwd+bwd timed {timing_bwd}")
-    for p in [*params, *xs_grad]:
-        p.grad = None
+    for t in [*params, *xs_grad]:
+        t.grad = None
 
 
 def bench_routing_kernel(T: int = 4096, shape: str = "qwen3-30b-a3b") -> dict:
@@ -419,6 +449,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", default=None, help="write results as JSON to this path (rewritten after each case)"
     )
+    parser.add_argument(
+        "--append",
+        default=None,
+        help="at the end, append one record per result to this JSON-lines file "
+        "(benchmarks/results/bench_layer.jsonl: commit, gpu, shape, tokens, routing, impl, figures)",
+    )
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -463,6 +499,13 @@ def run_bench(args: argparse.Namespace) -> int:
                 dump()
     print()
     print_table(results)
+    if args.append:
+        commit, records = current_commit(), []
+        for r in results:
+            figures = asdict(r)
+            keys = {k: figures.pop(k) for k in ("shape", "tokens", "routing", "impl")}
+            records.append({"commit": commit, "gpu": env["device"], **keys, "figures": figures})
+        append_records(args.append, records)
     return 0
 
 

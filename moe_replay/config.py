@@ -67,7 +67,7 @@ class MoEConfig:
                 "MoEConfig.n_group and topk_group are set together or not at all, got "
                 f"n_group={self.n_group!r}, topk_group={self.topk_group!r}"
             )
-        if self.n_group is not None:
+        if self.n_group is not None and self.topk_group is not None:  # both or neither (above)
             _check_int("n_group", self.n_group)
             _check_int("topk_group", self.topk_group)
             if self.num_experts % self.n_group:

@@ -140,7 +140,8 @@ def _hf_config(model: str, size: DemoSize) -> Any:
     if model == "qwen3":
         return transformers.Qwen3MoeConfig(
             **common,
-            head_dim=size.hidden // heads,
+            # transformers' signature lists no head_dim; the config takes it through **kwargs
+            head_dim=size.hidden // heads,  # type: ignore[call-arg]
             num_experts=size.experts,
             num_experts_per_tok=size.top_k,
             moe_intermediate_size=size.expert_intermediate,

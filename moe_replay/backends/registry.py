@@ -111,4 +111,7 @@ def get_backend(name: str | None, device: torch.device | str) -> Backend:
             logger.warning(
                 "moe_replay: backend 'triton' cannot run on %s (%s); using 'torch'", device, reason
             )
-    return _load("torch")
+    reference = _load("torch")
+    if reference is None:
+        raise ValueError(f"the reference backend 'torch' failed to import ({_load_errors['torch']})")
+    return reference

@@ -19,15 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_replay import ops
-from moe_replay.backends.base import Backend, ExpertBuckets, InputGradsHook, PeerRows
+from moe_replay.backends.base import Backend
 from moe_replay.backends.registry import get_backend, registered_backends
 from moe_replay.backends.torch.route import gate_weights
 from moe_replay.config import MoEConfig
-from moe_replay.parallel.expert_parallel import setup_expert_parallel
+from moe_replay.parallel.config import EPConfig
+from moe_replay.parallel.expert_parallel import DEFAULT_EP_MODE, ep_config_of, setup_expert_parallel
 from moe_replay.parallel.local import local_dispatch
 from moe_replay.parallel.state import full_state_dict, keep_local_experts
 from moe_replay.routing.route import Routing, route
 from moe_replay.routing.sites import mark_site, route_at_site, site_of
+from moe_replay.types import ExpertBuckets, ExpertsModule, InputGradsHook, RowSink
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -77,9 +79,11 @@ class Experts(nn.Module):
         num_global_experts: int | None = None,
     ) -> None:
         super().__init__()
-        kw = {"device": device, "dtype": dtype}
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
+        shape_gate_up = (num_experts, 2 * intermediate_size, hidden_size)
+        self.gate_up_proj = nn.Parameter(torch.empty(shape_gate_up, device=device, dtype=dtype))
+        self.down_proj = nn.Parameter(
+            torch.empty(num_experts, hidden_size, intermediate_size, device=device, dtype=dtype)
+        )
         self.first_expert = first_expert
         self.num_global_experts = num_experts if num_global_experts is None else num_global_experts
         self.register_load_state_dict_pre_hook(keep_local_experts)
@@ -105,7 +109,7 @@ class Experts(nn.Module):
         backend: Backend,
         out_dtype: torch.dtype,
         on_input_grads: InputGradsHook | None = None,
-        out_MH: torch.Tensor | PeerRows | None = None,
+        out_MH: torch.Tensor | RowSink | None = None,
     ) -> torch.Tensor:
         """The rows combined per token, ``y_MH``, through the backend's fused path
         (``on_input_grads``, ``out_MH``: see ``Backend.expert_mlp_combine``)."""
@@ -124,7 +128,7 @@ def _check_backend_name(backend: str | None) -> None:
 class MoELayer(nn.Module):
     """What :class:`MoE` and :class:`moe_replay.QuantMoE` share: routing, dispatch, forward."""
 
-    experts: nn.Module
+    experts: ExpertsModule
 
     def __init__(
         self,
@@ -132,7 +136,7 @@ class MoELayer(nn.Module):
         backend: str | None,
         router_device: torch.device | str | None,
         ep_group: ProcessGroup | None = None,
-        ep_mode: str = "allgather",
+        ep: EPConfig | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(cfg, MoEConfig):
@@ -143,7 +147,8 @@ class MoELayer(nn.Module):
         self.router = Router(cfg, device=router_device)
         # Expert parallelism (a collective when ep_group is given) only swaps the dispatcher.
         kind = type(self).__name__
-        self.ep = setup_expert_parallel(cfg, ep_group, ep_mode, layer_kind=kind, router=self.router)
+        ep = EPConfig() if ep is None else ep
+        self.ep = setup_expert_parallel(cfg, ep_group, ep, layer_kind=kind, router=self.router)
         self.dispatch_experts = local_dispatch if self.ep is None else self.ep.dispatcher
         mark_site(self, cfg.num_experts, cfg.top_k, route_logits=self._route_logits)
 
@@ -288,16 +293,20 @@ class MoE(MoELayer):
     from the group's first rank at construction), ``experts`` holds this rank's balanced,
     contiguous share (:attr:`local_experts`), and each rank calls the layer on its own tokens
     (counts may differ, zero included) and its own forced ids, getting its own outputs: the
-    single-process layer's results on the ranks' tokens concatenated. ``ep_mode`` picks how rows
-    reach the experts: ``"allgather"`` (every rank sees every token; simple) or ``"alltoall"``
-    (each token goes only to the ranks holding its experts, once per rank; scales). See
-    :mod:`moe_replay.parallel`. Every forward and backward is then a collective: all ranks run
-    them, also a rank with no tokens, whose experts serve the others. Expert gradients land on
-    the owning rank; the router's gradient on each rank covers its own tokens only, so
-    **all-reduce the router's gradients** over the group (sum) before the optimiser step, as data
-    parallelism would.
+    single-process layer's results on the ranks' tokens concatenated. ``ep``
+    (:class:`moe_replay.EPConfig`) says how: its ``mode`` picks how rows reach the experts,
+    ``"allgather"`` (every rank sees every token; simple) or ``"alltoall"`` (each token goes only
+    to the ranks holding its experts, once per rank; scales), and for ``alltoall`` the transport,
+    chunks and overlap switches. ``ep_mode="alltoall"`` is the shorthand for
+    ``ep=EPConfig(mode="alltoall")``. See ``docs/expert-parallel.md``. Every forward and
+    backward is then a collective: all ranks run them, also a rank with no tokens, whose experts
+    serve the others. Expert gradients land on the owning rank; the router's gradient on each
+    rank covers its own tokens only, so **all-reduce the router's gradients** over the group
+    (sum) before the optimiser step, as data parallelism would.
     Tensors must be where the group's backend runs collectives: CPU for gloo, CUDA for NCCL.
     """
+
+    experts: Experts
 
     def __init__(
         self,
@@ -307,9 +316,10 @@ class MoE(MoELayer):
         dtype: torch.dtype | None = None,
         *,
         ep_group: ProcessGroup | None = None,
-        ep_mode: str = "allgather",
+        ep_mode: str = DEFAULT_EP_MODE,
+        ep: EPConfig | None = None,
     ) -> None:
-        super().__init__(cfg, backend, device, ep_group, ep_mode)
+        super().__init__(cfg, backend, device, ep_group, ep_config_of(ep, ep_mode))
         first, count = self.local_experts
         H, I, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
         self.experts = Experts(count, H, I, device, dtype, first_expert=first, num_global_experts=E)

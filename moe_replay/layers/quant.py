@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_replay.backends.base import Backend, ExpertBuckets, InputGradsHook, PeerRows, write_into
+from moe_replay.backends.base import Backend, write_into
 from moe_replay.layers.moe import MoE, MoELayer
 from moe_replay.parallel.state import keep_local_experts
 from moe_replay.quantize import WEIGHT_DTYPES, QuantizedWeight, quantize_weight
 from moe_replay.routing.route import Routing
+from moe_replay.types import ExpertBuckets, InputGradsHook, RowSink
 
 
 class QuantExperts(nn.Module):
@@ -22,6 +23,11 @@ class QuantExperts(nn.Module):
     Under expert parallelism, this rank's experts: global ids ``first_expert:first_expert + E`` of
     ``num_global_experts`` (as :class:`moe_replay.layers.moe.Experts`).
     """
+
+    gate_up_qweight: torch.Tensor
+    gate_up_scale: torch.Tensor
+    down_qweight: torch.Tensor
+    down_scale: torch.Tensor
 
     def __init__(
         self,
@@ -67,12 +73,12 @@ class QuantExperts(nn.Module):
         backend: Backend,
         out_dtype: torch.dtype,
         on_input_grads: InputGradsHook | None = None,
-        out_MH: torch.Tensor | PeerRows | None = None,
+        out_MH: torch.Tensor | RowSink | None = None,
     ) -> torch.Tensor:
         """The rows combined per token, ``y_MH`` (inference only: ``on_input_grads`` is never
         called, as there is no backward; ``out_MH``: see ``Backend.expert_mlp_combine``)."""
         y_MH = backend.combine(self(x_MH, buckets, backend), buckets, weights_MR, out_dtype)
-        return write_into(y_MH, out_MH, backend)
+        return write_into(y_MH, out_MH)
 
     def extra_repr(self) -> str:
         return (
@@ -89,10 +95,12 @@ class QuantMoE(MoELayer):
     input that requires grad, or a router weight set to require grad) raises ``ValueError``.
     """
 
+    experts: QuantExperts
+
     def __init__(self, moe: MoE, weight_dtype: str, group_size: int | None) -> None:
         cfg = moe.cfg
-        ep_group, ep_mode = (None, "allgather") if moe.ep is None else (moe.ep.group, moe.ep.mode)
-        super().__init__(cfg, moe.backend, moe.router.weight.device, ep_group, ep_mode)
+        ep_group, ep = (None, None) if moe.ep is None else (moe.ep.group, moe.ep.config)
+        super().__init__(cfg, moe.backend, moe.router.weight.device, ep_group, ep)
         self.router.load_state_dict(moe.router.state_dict())
         self.router.weight.requires_grad_(False)
         gate_up = quantize_weight(moe.experts.gate_up_proj, weight_dtype, group_size)
@@ -134,6 +142,8 @@ class QuantMoE(MoELayer):
         x: torch.Tensor,
         forced_expert_ids: torch.Tensor | None = None,
         return_routing: bool = False,
+        *,
+        validate: bool | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Routing]:
         if torch.is_grad_enabled() and (
             (isinstance(x, torch.Tensor) and x.requires_grad) or self.router.weight.requires_grad
@@ -147,4 +157,4 @@ class QuantMoE(MoELayer):
                 )
                 + "; run it under torch.no_grad() or use moe_replay.MoE for training"
             )
-        return super().forward(x, forced_expert_ids, return_routing)
+        return super().forward(x, forced_expert_ids, return_routing, validate=validate)

@@ -42,12 +42,11 @@ from moe_replay.parallel.collectives import (
 )
 
 if TYPE_CHECKING:
-    from torch import nn
     from torch.distributed import ProcessGroup
 
     from moe_replay.backends.base import Backend
     from moe_replay.parallel.partition import ExpertPartition
-    from moe_replay.routing.route import Routing
+    from moe_replay.types import ExpertsModule, Routing
 
 
 class AllGatherDispatcher:
@@ -62,7 +61,7 @@ class AllGatherDispatcher:
         self.partition = partition
 
     def __call__(
-        self, x_TH: torch.Tensor, routing: Routing, experts: nn.Module, backend: Backend
+        self, x_TH: torch.Tensor, routing: Routing, experts: ExpertsModule, backend: Backend
     ) -> torch.Tensor:
         check_device(self.group, x_TH.device, "x")
         part = self.partition

@@ -226,7 +226,9 @@ class RowsInFlight:
         # Every floating tensor's gradient travels back, whether or not this rank needs it (zeros
         # for an unused output): every rank must run the same collectives.
         sent = sum(self.send_counts)
-        placeholders, results, works = [], [], []
+        placeholders: list[torch.Tensor | None] = []
+        results: list[torch.Tensor | None] = []
+        works = []
         for grad, like, rows in zip(grads, self.received_like, self.sent_rows):
             if like is None:  # not floating
                 placeholders.append(None)
@@ -396,6 +398,7 @@ class CountExchange:
     def launch(self) -> torch.Tensor:
         """Start the all-gather of what :meth:`mine` returned; returns the ``[W, W, *X]`` matrix on
         the device (its values land when the collective runs)."""
+        assert self._key is not None, "mine() comes first"
         sent, gathered, host = self._buffers[self._key]
         _all_gather_single(gathered.view(-1), sent.view(-1), group=self.group)
         if gathered.is_cuda:
@@ -407,6 +410,7 @@ class CountExchange:
 
     def read(self) -> list:
         """The matrix as host ints ``[s][d][...]`` (the host waits here)."""
+        assert self._key is not None, "mine() comes first"
         _, gathered, host = self._buffers[self._key]
         if not gathered.is_cuda:
             return gathered.tolist()

@@ -30,6 +30,7 @@ from torch import nn
 from moe_replay.parallel.allgather import AllGatherDispatcher
 from moe_replay.parallel.alltoall import AllToAllDispatcher
 from moe_replay.parallel.collectives import all_gather_ints, collective_device
+from moe_replay.parallel.config import EP_MODES, EPConfig
 from moe_replay.parallel.partition import ExpertPartition
 
 if TYPE_CHECKING:
@@ -37,15 +38,22 @@ if TYPE_CHECKING:
 
     from moe_replay.backends.base import Backend
     from moe_replay.config import MoEConfig
-    from moe_replay.routing.route import Routing
+    from moe_replay.types import ExpertsModule, Routing
 
-EP_MODES = ("allgather", "alltoall")
-_DISPATCHERS = {"allgather": AllGatherDispatcher, "alltoall": AllToAllDispatcher}
+__all__ = [
+    "DEFAULT_EP_MODE",
+    "EP_MODES",
+    "Dispatcher",
+    "EPConfig",
+    "ExpertParallel",
+    "ep_config_of",
+    "setup_expert_parallel",
+]
 
 
 class Dispatcher(Protocol):
     def __call__(
-        self, x_TH: torch.Tensor, routing: Routing, experts: nn.Module, backend: Backend
+        self, x_TH: torch.Tensor, routing: Routing, experts: ExpertsModule, backend: Backend
     ) -> torch.Tensor: ...
 
 
@@ -55,25 +63,48 @@ class ExpertParallel:
 
     group: ProcessGroup
     """The expert-parallel process group."""
-    mode: str
-    """``"allgather"`` or ``"alltoall"``."""
+    config: EPConfig
+    """How: the mode, and for ``alltoall`` the transport, chunks and overlap switches."""
     partition: ExpertPartition
     """The experts this rank holds."""
     dispatcher: Dispatcher
     """The layer's ``dispatch_experts``."""
 
+    @property
+    def mode(self) -> str:
+        """``"allgather"`` or ``"alltoall"``."""
+        return self.config.mode
 
-def check_ep_args(ep_group: object, ep_mode: object) -> None:
-    """``TypeError``/``ValueError`` naming the argument for a bad ``ep_group`` or ``ep_mode``."""
-    if not isinstance(ep_mode, str):
-        raise TypeError(f"ep_mode must be a str, one of {EP_MODES}, got {type(ep_mode).__name__} {ep_mode!r}")
-    if ep_mode not in EP_MODES:
-        raise ValueError(f"ep_mode must be one of {EP_MODES}, got {ep_mode!r}")
+
+class _Default(str):
+    """A default argument value that can be told from the same value passed explicitly."""
+
+
+DEFAULT_EP_MODE: str = _Default("allgather")
+"""``ep_mode``'s default in the layers' signatures: ``"allgather"``, unless ``ep=`` says otherwise."""
+
+
+def ep_config_of(ep: object, ep_mode: object) -> EPConfig:
+    """The layer's :class:`EPConfig` from ``ep=`` and its shorthand ``ep_mode=``: ``ep_mode``
+    alone is ``EPConfig(mode=ep_mode)``; given both, they must agree."""
+    if ep is None:
+        return EPConfig(mode=ep_mode)  # type: ignore[arg-type]  # EPConfig checks the type
+    if not isinstance(ep, EPConfig):
+        raise TypeError(f"ep must be a moe_replay.EPConfig or None, got {type(ep).__name__}")
+    if ep_mode is not DEFAULT_EP_MODE and ep_mode != ep.mode:
+        raise ValueError(f"ep_mode={ep_mode!r} contradicts ep=EPConfig(mode={ep.mode!r}); pass one of them")
+    return ep
+
+
+def check_ep_args(ep_group: object, config: EPConfig) -> None:
+    """``TypeError``/``ValueError`` naming the argument for a bad ``ep_group`` (the config checks
+    itself)."""
     if ep_group is None:
-        if ep_mode != "allgather":
+        if config != EPConfig():
+            what = f"ep_mode={config.mode!r}" if config.mode != "allgather" else f"ep={config!r}"
             raise ValueError(
-                f"ep_mode={ep_mode!r} needs an ep_group (expert parallelism), got ep_group=None; pass "
-                "the process group to spread the experts over, or leave ep_mode at its default"
+                f"{what} needs an ep_group (expert parallelism), got ep_group=None; pass the process "
+                "group to spread the experts over, or leave ep and ep_mode at their defaults"
             )
         return
     if not dist.is_available() or not dist.is_initialized():
@@ -119,15 +150,20 @@ def _broadcast_module(module: nn.Module, group: ProcessGroup) -> None:
 
 
 def setup_expert_parallel(
-    cfg: MoEConfig, ep_group: ProcessGroup | None, ep_mode: str, *, layer_kind: str, router: nn.Module
+    cfg: MoEConfig, ep_group: ProcessGroup | None, config: EPConfig, *, layer_kind: str, router: nn.Module
 ) -> ExpertParallel | None:
     """The layer's :class:`ExpertParallel`, or None without ``ep_group``; a collective over
     ``ep_group`` (module docstring): every rank must call it, with the same arguments."""
-    check_ep_args(ep_group, ep_mode)
+    check_ep_args(ep_group, config)
     if ep_group is None:
         return None
     world = dist.get_world_size(ep_group)
     partition = ExpertPartition(num_experts=cfg.num_experts, world_size=world, rank=dist.get_rank(ep_group))
-    _check_same_layer(ep_group, f"{layer_kind}({cfg!r}, ep_mode={ep_mode!r}, ep world size {world})")
+    _check_same_layer(ep_group, f"{layer_kind}({cfg!r}, {config!r}, ep world size {world})")
     _broadcast_module(router, ep_group)
-    return ExpertParallel(ep_group, ep_mode, partition, _DISPATCHERS[ep_mode](ep_group, partition))
+    dispatcher: Dispatcher
+    if config.mode == "alltoall":
+        dispatcher = AllToAllDispatcher(ep_group, partition, config)
+    else:
+        dispatcher = AllGatherDispatcher(ep_group, partition)
+    return ExpertParallel(ep_group, config, partition, dispatcher)

@@ -10,14 +10,12 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from moe_replay.backends.base import Backend
-    from moe_replay.routing.route import Routing
+    from moe_replay.types import ExpertsModule, Routing
 
 
 def local_dispatch(
-    x_TH: torch.Tensor, routing: Routing, experts: nn.Module, backend: Backend
+    x_TH: torch.Tensor, routing: Routing, experts: ExpertsModule, backend: Backend
 ) -> torch.Tensor:
     """``y_TH[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x_TH[t])``, in x's dtype."""
     buckets = backend.dispatch(routing.expert_ids, experts.num_experts)

@@ -13,7 +13,7 @@ Shape legend: E experts of the layer, E_loc this rank's experts (global ids ``fi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -22,6 +22,16 @@ from moe_replay.parallel.collectives import all_gather_rows, collective_device
 
 if TYPE_CHECKING:
     from moe_replay.parallel.expert_parallel import ExpertParallel
+
+
+class _ExpertShard(Protocol):
+    """What :func:`keep_local_experts` reads of an experts module."""
+
+    first_expert: int
+    num_global_experts: int
+
+    @property
+    def num_experts(self) -> int: ...
 
 
 def keep_local_experts(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: object) -> None:
@@ -33,7 +43,8 @@ def keep_local_experts(module: nn.Module, state_dict: dict[str, Any], prefix: st
     ``first_expert:first_expert + num_experts``. (``load_state_dict`` hands hooks its own shallow
     copy of the caller's dict, so the caller's dict is untouched.)
     """
-    first, local, total = module.first_expert, module.num_experts, module.num_global_experts
+    shard = cast(_ExpertShard, module)
+    first, local, total = shard.first_expert, shard.num_experts, shard.num_global_experts
     if local == total:
         return
     names = [name for name, _ in module.named_parameters(recurse=False)]

@@ -161,8 +161,9 @@ def replay(
         if site in open_replays:
             raise ValueError(f"layer {name!r} is already inside an mr.replay scope; scopes do not nest")
     names = {name for name, _ in sites}
-    for i, piece in enumerate(traces or []):
-        which = "the trace" if len(traces) == 1 else f"trace[{i}]"
+    pieces = traces or []
+    for i, piece in enumerate(pieces):
+        which = "the trace" if len(pieces) == 1 else f"trace[{i}]"
         missing = [name for name in names if name not in piece]
         extra = [name for name in piece if name not in names]
         if strict and (missing or extra):

@@ -2,7 +2,7 @@
 
 Shape legend: T tokens, E experts, K experts per token (top_k).
 
-Semantics (DESIGN.md, "Routing semantics"), implemented by every backend:
+Semantics (``docs/routing.md``), implemented by every backend:
 
 1. ``scores_TE = softmax(logits)`` or ``sigmoid(logits)``, in float32.
 2. Selection scores are ``scores + bias`` (the bias steers selection only). With ``n_group``,
@@ -29,38 +29,18 @@ the same score, the larger logit wins. Ties in what is ranked go to the lower ex
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from moe_replay.backends.registry import get_backend
 from moe_replay.config import MoEConfig
+from moe_replay.types import Routing
 
 if TYPE_CHECKING:
     from moe_replay.backends.base import Backend
 
-
-@dataclass(frozen=True)
-class Routing:
-    """The experts each token is sent to, and with what weight.
-
-    ``expert_ids`` is int32 ``[..., K]`` with K distinct ids per row; ``weights`` is float32
-    ``[..., K]`` and differentiable with respect to the router logits. The leading shape is the
-    token shape of whatever was routed (``[T]`` for :func:`route`, ``x.shape[:-1]`` for a layer).
-    """
-
-    expert_ids: torch.Tensor
-    weights: torch.Tensor
-
-    def reshape(self, *lead: int) -> Routing:
-        """The same routing with leading (token) shape ``lead``."""
-        k = self.expert_ids.shape[-1]
-        return Routing(self.expert_ids.reshape(*lead, k), self.weights.reshape(*lead, k))
-
-    @property
-    def num_tokens(self) -> int:
-        return self.expert_ids.numel() // max(self.expert_ids.shape[-1], 1)
+__all__ = ["Routing", "check_bias", "check_forced_ids", "check_logits", "route"]
 
 
 def check_logits(logits: torch.Tensor, cfg: MoEConfig) -> None:

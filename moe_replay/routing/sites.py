@@ -43,6 +43,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from types import FrameType
 
 import torch
 from torch import nn
@@ -254,8 +255,9 @@ def _forward_region() -> object | None:
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
     if hooks is not None:
         pack = hooks[0]
-        if getattr(pack, "__qualname__", "") == _NON_REENTRANT_PACK:
-            return pack.__closure__[pack.__code__.co_freevars.index("frame")].cell_contents
+        closure = pack.__closure__
+        if getattr(pack, "__qualname__", "") == _NON_REENTRANT_PACK and closure is not None:
+            return closure[pack.__code__.co_freevars.index("frame")].cell_contents
         return None
     if torch.is_grad_enabled():
         return None
@@ -271,7 +273,7 @@ def _recompute_region() -> object | None:
     """The checkpoint region whose recompute is running (called inside a backward pass), or ``None``:
     the innermost ``CheckpointFunction.backward`` (reentrant) or non-reentrant unpack hook on the
     Python stack."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         code = frame.f_code
         if code is _REENTRANT_BACKWARD:

@@ -43,9 +43,10 @@ from torch.utils.checkpoint import checkpoint
 
 import moe_replay as mr
 from moe_replay.backends.registry import available_backends
-from moe_replay.parallel import alltoall_peers, peers
-from moe_replay.parallel.alltoall_peers import _Call
 from moe_replay.parallel.collectives import RowsInFlight, check_device
+from moe_replay.parallel.peers import memory as peers
+from moe_replay.parallel.peers import transport as alltoall_peers
+from moe_replay.parallel.peers.transport import _Call
 
 try:
     import fcntl
@@ -127,13 +128,15 @@ def reference(cfg: mr.MoEConfig, dtype: torch.dtype = torch.float32) -> mr.MoE:
 
 
 def expert_parallel(
-    world: World, cfg: mr.MoEConfig, mode: str, ref: mr.MoE, backend: str = "torch"
+    world: World, cfg: mr.MoEConfig, mode: str, ref: mr.MoE, backend: str = "torch", **options: object
 ) -> mr.MoE:
     """An expert-parallel layer loaded from ``ref``'s full state dict (initialised per rank first,
-    so the load is what makes it equal)."""
+    so the load is what makes it equal); ``options``: more of its ``EPConfig``, else the shorthand
+    ``ep_mode``."""
     torch.manual_seed(100 + world.rank)
     dtype = ref.experts.gate_up_proj.dtype
-    ep = mr.MoE(cfg, backend=backend, dtype=dtype, ep_group=world.group, ep_mode=mode)
+    kwargs: dict[str, object] = {"ep": mr.EPConfig(mode=mode, **options)} if options else {"ep_mode": mode}
+    ep = mr.MoE(cfg, backend=backend, dtype=dtype, ep_group=world.group, **kwargs)  # type: ignore[arg-type]
     ep.load_state_dict(ref.state_dict())
     return ep
 
@@ -178,11 +181,10 @@ def compare_with_reference(
     y_ref, routing_ref = ref(x_ref, forced_expert_ids=forced_SK, return_routing=True)
     (y_ref.float() * grad_SH.float()).sum().backward()
 
-    ep = expert_parallel(world, cfg, mode, ref, backend)
-    if chunks is not None:
-        ep.ep.dispatcher.chunks = chunks
-    if transport is not None:
-        ep.ep.dispatcher.transport = transport
+    options = {"chunks": chunks, "transport": transport}
+    ep = expert_parallel(
+        world, cfg, mode, ref, backend, **{k: v for k, v in options.items() if v is not None}
+    )
     rows, T = world.rows(counts), counts[world.rank]
     lead = (1, T) if batch_axis else (T,)
     x = x_SH[rows].clone().view(*lead, H)
@@ -272,9 +274,8 @@ def check_activation_checkpointing(
     x_ref = x_SH.clone().requires_grad_()
     (ref(x_ref) * grad_SH).sum().backward()
 
-    ep = expert_parallel(world, cfg, mode, ref, backend)
-    if transport is not None:
-        ep.ep.dispatcher.transport = transport
+    options = {} if transport is None else {"transport": transport}
+    ep = expert_parallel(world, cfg, mode, ref, backend, **options)
     x = x_SH[rows].clone().requires_grad_()
     with mr.replay(ep, None):
         y = checkpoint(ep, x, use_reentrant=False)
@@ -352,7 +353,7 @@ def check_alltoall_collectives_per_call(world: World) -> None:
     the peers transport, the all-gather and no all-to-all: on a GPU each collective is a host-side
     launch that every layer call pays."""
     cfg = CFG_UNEVEN
-    ep = expert_parallel(world, cfg, "alltoall", reference(cfg))
+    ref = reference(cfg)
     T = TOKEN_COUNTS[world.size][1][world.rank]
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(T, H, generator=gen).requires_grad_()
@@ -365,12 +366,12 @@ def check_alltoall_collectives_per_call(world: World) -> None:
         return names.count("c10d::_allgather_base_"), names.count("c10d::alltoall_base_")
 
     for transport, chunks in (("collectives", 1), ("collectives", 2), ("collectives", 3), ("peers", 1)):
-        ep.ep.dispatcher.transport, ep.ep.dispatcher.chunks = transport, chunks
+        ep = expert_parallel(world, cfg, "alltoall", ref, transport=transport, chunks=chunks)
         per_chunk = 3 * chunks if transport == "collectives" else 0
         with torch.no_grad():
-            assert collectives(lambda: ep(x)) == (1, per_chunk)
+            assert collectives(lambda ep=ep: ep(x)) == (1, per_chunk)
         outputs: list[torch.Tensor] = []
-        assert collectives(lambda out=outputs: out.append(ep(x))) == (1, per_chunk)
+        assert collectives(lambda out=outputs, ep=ep: out.append(ep(x))) == (1, per_chunk)
         assert collectives(lambda out=outputs: out[0].backward(dy)) == (0, per_chunk)
 
 
@@ -405,22 +406,21 @@ def check_alltoall_peers(world: World) -> None:
                     calls_before=calls_before,
                 )
                 # A call after the first uses the rows it pulled before the count sync.
-                assert ep.ep.dispatcher._peers.pulled_early is (calls_before > 0)
+                assert ep.ep.dispatcher.transport.pulled_early is (calls_before > 0)
         check_activation_checkpointing(world, "alltoall", transport="peers")
         # QuantMoE's experts (the base stages' combine, copied home by push_rows).
         counts = TOKEN_COUNTS[world.size][1]
         x_SH = torch.randn(sum(counts), H, generator=torch.Generator().manual_seed(8))
         ref = reference(CFG_UNEVEN)
         q_ref = mr.QuantMoE.from_float(ref, "int8", None)
-        q_ep = mr.QuantMoE.from_float(expert_parallel(world, CFG_UNEVEN, "alltoall", ref), "int8", None)
-        q_ep.ep.dispatcher.transport = "peers"
+        ep = expert_parallel(world, CFG_UNEVEN, "alltoall", ref, transport="peers")
+        q_ep = mr.QuantMoE.from_float(ep, "int8", None)
         with torch.no_grad():
             assert_close(q_ep(x_SH[world.rows(counts)]), q_ref(x_SH)[world.rows(counts)], **F32)
         # A layer's calls after its first stage and pull their rows before the count sync, in
         # the last call's areas and at a capacity: used where every rank staged and the counts
         # fit, else staged and pulled again (the same results either way).
-        ep = expert_parallel(world, CFG_UNEVEN, "alltoall", ref)
-        ep.ep.dispatcher.transport = "peers"
+        ep = expert_parallel(world, CFG_UNEVEN, "alltoall", ref, transport="peers")
         early: list[bool] = []
         many = [8] * world.size
         many[-1] = 64  # one rank's tokens outgrow its area: no rank uses its early rows
@@ -428,7 +428,7 @@ def check_alltoall_peers(world: World) -> None:
             x_SH = torch.randn(sum(counts), H, generator=torch.Generator().manual_seed(sum(counts)))
             with torch.no_grad():
                 assert_close(ep(x_SH[world.rows(counts)]), ref(x_SH)[world.rows(counts)], **F32)
-            early.append(ep.ep.dispatcher._peers.pulled_early)
+            early.append(ep.ep.dispatcher.transport.pulled_early)
         assert early == [False, True, False, True, False, True], early
         # A call's rows and their autograd nodes go when its outputs do, without the garbage
         # collector: nothing of a call refers back to its own outputs (a cycle through the
@@ -445,7 +445,7 @@ def check_alltoall_peers(world: World) -> None:
         x = x_SH[world.rows(counts)].clone().requires_grad_()
         for _ in range(2):  # the second call takes the early rows
             ep(x).sum().backward()
-        assert ep.ep.dispatcher._peers.pulled_early and len(calls) == 2
+        assert ep.ep.dispatcher.transport.pulled_early and len(calls) == 2
         assert all(ref() is None for ref in calls)
     finally:
         peers.PeerMemory.__init__ = init  # type: ignore[method-assign]
@@ -456,21 +456,15 @@ def check_alltoall_peers(world: World) -> None:
 
 @check()
 def check_alltoall_transport_choice(world: World) -> None:
-    """``transport``: "auto" takes collectives on the CPU (symmetric memory there is for tests and
-    explicit use), "peers" needs one chunk, other names are refused."""
-    ep = expert_parallel(world, CFG_UNEVEN, "alltoall", reference(CFG_UNEVEN))
-    dispatcher = ep.ep.dispatcher
-    assert dispatcher.transport_for(torch.device("cpu")) == "collectives"
-    dispatcher.transport = "peers"
-    assert dispatcher.transport_for(torch.device("cpu")) == "peers"
-    dispatcher.chunks = 2
-    with pytest.raises(ValueError, match="the peers transport runs one chunk per call, chunks is 2"):
-        dispatcher.transport_for(torch.device("cpu"))
-    dispatcher.transport = "nccl"
-    with pytest.raises(
-        ValueError, match=r"transport must be one of \('auto', 'peers', 'collectives'\), got 'nccl'"
-    ):
-        dispatcher.transport_for(torch.device("cpu"))
+    """The transport is the layer's ``EPConfig``: collectives by default (the CPU and GPUs alike),
+    peers only when asked for, and carried over to ``QuantMoE.from_float``."""
+    ref = reference(CFG_UNEVEN)
+    assert expert_parallel(world, CFG_UNEVEN, "alltoall", ref).ep.dispatcher.transport.name == "collectives"
+    ep = expert_parallel(world, CFG_UNEVEN, "alltoall", ref, transport="peers")
+    assert ep.ep.dispatcher.transport.name == "peers"
+    assert mr.QuantMoE.from_float(ep, "int8", None).ep.dispatcher.transport.name == "peers"
+    with pytest.raises(ValueError, match=r"ep_mode='allgather' contradicts ep=EPConfig\(mode='alltoall'\)"):
+        mr.MoE(CFG_UNEVEN, ep_group=world.group, ep_mode="allgather", ep=mr.EPConfig(mode="alltoall"))
 
 
 @check()
@@ -612,7 +606,7 @@ def check_triton_backend(world: World, mode: str) -> str | None:
                         forced=True,
                         calls_before=calls_before,
                     )
-                    assert ep.ep.dispatcher._peers.pulled_early is (calls_before > 0)
+                    assert ep.ep.dispatcher.transport.pulled_early is (calls_before > 0)
                 check_activation_checkpointing(world, mode, backend="triton", transport="peers")
     finally:
         RowsInFlight.send_grads_now = send_grads_now  # type: ignore[method-assign]

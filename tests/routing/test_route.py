@@ -1,6 +1,6 @@
 """route(): selection, forcing, weights and validation against a naive per-row reference.
 
-The reference below is written from DESIGN.md "Routing semantics" with Python loops. It takes the
+The reference below is written from docs/routing.md with Python loops. It takes the
 float32 scores (``softmax(logits.float())`` / ``sigmoid``, plus bias, elementwise) from torch so both
 rank exactly the same numbers, and re-implements everything that is logic: group limiting, top-k
 with ties to the lower index, forced slots, filling free slots. Weights are recomputed in float64.

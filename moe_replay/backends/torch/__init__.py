@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from moe_replay.backends.base import Backend, ExpertBuckets
+from moe_replay.backends.base import Backend
 from moe_replay.backends.torch import combine, dispatch, experts, quant, route
 from moe_replay.config import MoEConfig
 from moe_replay.quantize import QuantizedWeight
-from moe_replay.routing.route import Routing
+from moe_replay.types import ExpertBuckets, Routing
 
 
 class TorchBackend(Backend):

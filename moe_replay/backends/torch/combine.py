@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_replay.backends.base import ExpertBuckets
+from moe_replay.types import ExpertBuckets
 
 
 def combine(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_replay.backends.base import ExpertBuckets
+from moe_replay.types import ExpertBuckets
 
 
 def dispatch(expert_ids_MR: torch.Tensor, num_experts: int) -> ExpertBuckets:

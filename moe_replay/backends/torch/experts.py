@@ -11,7 +11,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from moe_replay.backends.base import ExpertBuckets
+from moe_replay.types import ExpertBuckets
 
 
 def swiglu_mlp(x_nH: torch.Tensor, w_gate_up_2IH: torch.Tensor, w_down_HI: torch.Tensor) -> torch.Tensor:

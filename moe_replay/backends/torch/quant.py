@@ -15,8 +15,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from moe_replay.backends.base import ExpertBuckets
 from moe_replay.quantize import QuantizedWeight, quantize_rows
+from moe_replay.types import ExpertBuckets
 
 
 def quant_linear(x_nD: torch.Tensor, weight: QuantizedWeight, expert: int) -> torch.Tensor:

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_replay.config import MoEConfig
-from moe_replay.routing.route import Routing, bad_forced_rows
+from moe_replay.routing.route import bad_forced_rows
+from moe_replay.types import Routing
 
 
 def _descending_order(scores_TE: torch.Tensor) -> torch.Tensor:
@@ -25,6 +26,7 @@ def kept_experts(select_TE: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
     """
     T = select_TE.shape[0]
     per_group = cfg.experts_per_group
+    assert cfg.n_group is not None, "kept_experts is for group-limited routing"
     grouped_TGS = select_TE.view(T, cfg.n_group, per_group)
     group_score_TG = grouped_TGS.topk(min(2, per_group), dim=2).values.sum(dim=2)
     kept_groups = _descending_order(group_score_TG)[:, : cfg.topk_group]

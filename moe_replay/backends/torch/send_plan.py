@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_replay.backends.base import SendPlan
+from moe_replay.types import SendPlan
 
 
 def send_plan(

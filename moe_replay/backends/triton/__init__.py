@@ -18,21 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from moe_replay.backends.base import (
-    Backend,
-    ExpertBuckets,
-    InputGradsHook,
-    PeerArea,
-    PeerExchange,
-    PeerRows,
-    SendPlan,
-)
+from moe_replay.backends.base import Backend
 from moe_replay.backends.torch import quant as reference_quant
-from moe_replay.backends.triton import combine, dispatch, experts, peers, route, send_plan
+from moe_replay.backends.triton import combine, dispatch, experts, route
 from moe_replay.backends.triton._common import interpreting
 from moe_replay.config import MoEConfig
 from moe_replay.quantize import QuantizedWeight
-from moe_replay.routing.route import Routing
+from moe_replay.types import ExpertBuckets, InputGradsHook, Routing, RowSink
 
 
 class TritonBackend(Backend):
@@ -85,7 +77,7 @@ class TritonBackend(Backend):
         weights_MR: torch.Tensor,
         out_dtype: torch.dtype,
         on_input_grads: InputGradsHook | None = None,
-        out_MH: torch.Tensor | PeerRows | None = None,
+        out_MH: torch.Tensor | RowSink | None = None,
     ) -> torch.Tensor:
         return experts.expert_mlp_combine(
             x_MH, buckets, w_gate_up_E2IH, w_down_EHI, weights_MR, out_dtype, on_input_grads, out_MH
@@ -103,33 +95,6 @@ class TritonBackend(Backend):
     @torch.compiler.disable
     def permute_rows(self, x_MH: torch.Tensor, buckets: ExpertBuckets) -> torch.Tensor:
         return combine.permute_rows(x_MH, buckets)
-
-    @torch.compiler.disable
-    def received_buckets(
-        self, meta_MM: torch.Tensor, local_of_expert_E: torch.Tensor, num_local: int, num_pairs: int
-    ) -> ExpertBuckets:
-        return dispatch.received_buckets(meta_MM, local_of_expert_E, num_local, num_pairs)
-
-    @torch.compiler.disable
-    def send_plan(
-        self,
-        expert_ids_TK: torch.Tensor,
-        rank_offsets_W1: torch.Tensor,
-        chunks: int,
-        counts_WC3: torch.Tensor,
-    ) -> SendPlan:
-        return send_plan.send_plan(expert_ids_TK, rank_offsets_W1, chunks, counts_WC3)
-
-    @torch.compiler.disable
-    def pull_rows(
-        self,
-        src: PeerArea,
-        exchange: PeerExchange,
-        token_M: torch.Tensor | None = None,
-        capacity: int | None = None,
-        fill: float | None = None,
-    ) -> torch.Tensor:
-        return peers.pull_rows(src, exchange, token_M, capacity, fill)
 
     @torch.compiler.disable
     def quant_expert_mlp(

@@ -21,14 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_replay.backends.base import ExpertBuckets, PeerRows, peer_placeholder
-from moe_replay.backends.triton.peers import peer_rows, row_in_turn
+from moe_replay.types import ExpertBuckets
 
 BLOCK_ROWS = 4
-
-TO_PEERS = {"BLOCK_M": 4, "BLOCK_H": 2048, "num_warps": 8}
-"""``gather_sum``'s tiles where it writes rows to their origins (``PeerRows``): rows and columns
-per program, as ``peers.PULL`` reads them (``benchmarks/probe_peer_rows.py`` sweeps both)."""
 
 
 def _block_h(H: int) -> int:
@@ -43,21 +38,13 @@ def _gather_sum_kernel(
     out_ptr,
     M,
     H,
-    peer_bases_ptr,
-    counts_ptr,
-    rank,
     R: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
-    TO_PEERS: tl.constexpr,
-    W: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    if TO_PEERS:  # rows origin by origin (peers.row_in_turn), each to its origin's place
-        rows, s, place = row_in_turn(counts_ptr, rows, rank, W)
-        dst = peer_rows(peer_bases_ptr, tl.where(row_ok, s, rank), out_ptr)
     rows64 = rows.to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = row_ok[:, None] & (cols < H)[None, :]
@@ -70,11 +57,7 @@ def _gather_sum_kernel(
         if HAS_WEIGHTS:
             v = v * tl.load(weights_ptr + rows64 * R + r, mask=has, other=0.0)[:, None]
         acc += v
-    if TO_PEERS:
-        at = dst[:, None] + place.to(tl.int64)[:, None] * H + cols[None, :]
-        tl.store(at, acc.to(out_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.store(out_ptr + rows64[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + rows64[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -128,41 +111,26 @@ def gather_sum(
     slot_of_row_MR: torch.Tensor,
     weights_MR: torch.Tensor | None,
     out_dtype: torch.dtype,
-    out: torch.Tensor | PeerRows | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out_MH``; with ``out`` a tensor (``[M, H]``, ``out_dtype``, contiguous), written there; with
-    ``PeerRows``, each row written to its origin, and a placeholder returned
-    (``base.peer_placeholder``)."""
+    """``out_MH``; with ``out`` (``[M, H]``, ``out_dtype``, contiguous), written there."""
     M, R = slot_of_row_MR.shape
     H = src_NH.shape[1]
-    peers = out if isinstance(out, PeerRows) else None
-    if peers is not None:
-        out = peers.area.views[peers.exchange.rank]
-        if out.shape[1:] != (H,) or out.dtype != out_dtype or peers.exchange.num_received != M:
-            raise ValueError(f"PeerRows of {list(out.shape)} {out.dtype} for {M} rows of {H} {out_dtype}")
-    elif out is None:
+    if out is None:
         out = torch.empty(M, H, dtype=out_dtype, device=src_NH.device)
     elif out.shape != (M, H) or out.dtype != out_dtype or not out.is_contiguous():
         raise ValueError(
             f"out must be a contiguous [{M}, {H}] {out_dtype} tensor, got {list(out.shape)} {out.dtype}"
         )
     if M and H:
-        block_m, block_h, warps = (BLOCK_ROWS, _block_h(H), 4)
-        if peers is not None:  # rows written to other ranks go in wider tiles (TO_PEERS)
-            block_m, warps = TO_PEERS["BLOCK_M"], TO_PEERS["num_warps"]
-            block_h = min(triton.next_power_of_2(H), TO_PEERS["BLOCK_H"])
-        grid = (triton.cdiv(M, block_m), triton.cdiv(H, block_h))
-        bases, counts, rank, W = (out, out, 0, 1) if peers is None else (
-            peers.area.bases_W, peers.exchange.counts_WW3, peers.exchange.rank, peers.exchange.world_size
-        )  # fmt: skip
-        _gather_sum_kernel[grid](
+        block_h = _block_h(H)
+        _gather_sum_kernel[(triton.cdiv(M, BLOCK_ROWS), triton.cdiv(H, block_h))](
             src_NH.contiguous(), slot_of_row_MR, weights_MR if weights_MR is not None else src_NH, out, M, H,
-            bases, counts, rank, R=R, HAS_WEIGHTS=weights_MR is not None, TO_PEERS=peers is not None, W=W,
-            BLOCK_M=block_m, BLOCK_H=block_h, num_warps=warps,
+            R=R, HAS_WEIGHTS=weights_MR is not None, BLOCK_M=BLOCK_ROWS, BLOCK_H=block_h, num_warps=4,
         )  # fmt: skip
-    elif peers is None:
+    else:
         out.zero_()
-    return out if peers is None else peer_placeholder(M, out)
+    return out
 
 
 class _Combine(torch.autograd.Function):

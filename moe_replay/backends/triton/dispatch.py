@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_replay.backends.base import ExpertBuckets
 from moe_replay.backends.triton._common import pow2
+from moe_replay.types import ExpertBuckets
 
 BLOCK = 128  # slots per block: the rank step compares BLOCK x BLOCK ids in registers
 SCAN = 1024  # blocks per step of the per-expert scan

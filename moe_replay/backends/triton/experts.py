@@ -36,13 +36,13 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from moe_replay.backends.base import ExpertBuckets, InputGradsHook, PeerRows
 from moe_replay.backends.triton._common import (
     dot_flags,
     expert_of_tile,
@@ -55,6 +55,7 @@ from moe_replay.backends.triton._common import (
 )
 from moe_replay.backends.triton.combine import gather_sum
 from moe_replay.backends.triton.swiglu import swiglu_bwd, swiglu_grad, swiglu_weigh
+from moe_replay.types import ExpertBuckets, InputGradsHook, RowSink
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -64,14 +65,32 @@ except ImportError:  # Triton < 3.4: pointer loads only
 logger = logging.getLogger(__name__)
 
 # Whether kernels on compute capability 9.0+ load weights (and unpermuted activations) through
-# TMA descriptors. MOE_REPLAY_TRITON_TMA=0/1 overrides (a tuning switch for benchmarks).
-TMA_BY_DEFAULT = os.environ.get("MOE_REPLAY_TRITON_TMA", "1") == "1"
+# TMA descriptors: "1" (yes) or "0". None: the MOE_REPLAY_TRITON_TMA environment variable, read at
+# the first launch, default "1" (a tuning switch for benchmarks).
+TMA_BY_DEFAULT: str | None = None
 
 # Which GEMMs the backward runs: "auto" uses torch._grouped_mm (CUTLASS) for all four on compute
 # capability 9.0+ in bfloat16, where it measured faster than these kernels on every shape of
-# BENCHMARKS.md (benchmarks/RESULTS.md); "1" wherever its alignment allows (CPU included: its
-# fallback there is how CI covers that path), "0" never. A tuning switch, like the one above.
-GROUPED_MM_BACKWARD = os.environ.get("MOE_REPLAY_TRITON_GROUPED_MM", "auto")
+# benchmarks/RESULTS.md; "1" wherever its alignment allows (CPU included: its fallback there is
+# how CI covers that path), "0" never. None: the MOE_REPLAY_TRITON_GROUPED_MM environment
+# variable, read at the first backward, default "auto". A tuning switch, like the one above.
+GROUPED_MM_BACKWARD: str | None = None
+
+
+@functools.cache
+def _environment(name: str, default: str) -> str:
+    """A tuning switch's environment variable, read once, at first use (not at import)."""
+    return os.environ.get(name, default)
+
+
+def _tma_setting() -> str:
+    return TMA_BY_DEFAULT if TMA_BY_DEFAULT is not None else _environment("MOE_REPLAY_TRITON_TMA", "1")
+
+
+def _grouped_mm_setting() -> str:
+    if GROUPED_MM_BACKWARD is not None:
+        return GROUPED_MM_BACKWARD
+    return _environment("MOE_REPLAY_TRITON_GROUPED_MM", "auto")
 
 
 # fmt: off
@@ -355,7 +374,7 @@ def grouped_linear(
     gather_a: bool = False,
     row_scale_N: torch.Tensor | None = None,
     tiles: dict | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``out[n] = a[src(n)] @ W_e^T`` where ``W_e[j, k] = w_E[e*s_e + j*s_n + k*s_k]`` is ``[n_out, K]``
     and ``src(n)`` is ``row_of_slot[n]`` with ``gather_a``, else ``n``.
 
@@ -448,7 +467,7 @@ def _descriptor(t: torch.Tensor, block: list[int], cfg: dict) -> TensorDescripto
 
 
 def _tma_default(t: torch.Tensor) -> bool:
-    return TMA_BY_DEFAULT and t.is_cuda and _capability(t.device.index)[0] >= 9
+    return _tma_setting() == "1" and t.is_cuda and _capability(t.device.index)[0] >= 9
 
 
 @functools.cache
@@ -475,7 +494,8 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(y_NH, h_NI, gu_N2I)``: both GEMMs of the forward."""
     h_NI, gu_N2I = gate_up_fwd(x_MH, buckets, w_gate_up, save)
-    y_NH, _, _ = grouped_linear(h_NI, buckets, w_down, w_down.stride(), w_down.shape[1])
+    s_e, s_n, s_k = w_down.stride()
+    y_NH, _, _ = grouped_linear(h_NI, buckets, w_down, (s_e, s_n, s_k), w_down.shape[1])
     return y_NH, h_NI, gu_N2I
 
 
@@ -491,13 +511,14 @@ def _grouped_mm_ok(
     x_MH: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, buckets: ExpertBuckets
 ) -> bool:
     """Whether the backward GEMMs run as ``torch._grouped_mm`` (see ``GROUPED_MM_BACKWARD``)."""
-    if GROUPED_MM_BACKWARD == "0" or not hasattr(torch, "_grouped_mm"):
+    setting = _grouped_mm_setting()
+    if setting == "0" or not hasattr(torch, "_grouped_mm"):
         return False
     # Its operands need 16-byte aligned rows; the weights are read as stored.
     aligned = all(n * x_MH.element_size() % 16 == 0 for n in (w_down.shape[1], w_down.shape[2]))
     if buckets.num_slots == 0 or not (aligned and w_gate_up.is_contiguous() and w_down.is_contiguous()):
         return False
-    if GROUPED_MM_BACKWARD == "1":
+    if setting == "1":
         return True
     return x_MH.is_cuda and x_MH.dtype == torch.bfloat16 and _capability(x_MH.device.index)[0] >= 9
 
@@ -584,13 +605,14 @@ def _kernel_grads(
     if needs_x:
         dx_NH, _, _ = grouped_linear(dgu_N2I, buckets, w_gate_up, _transposed(w_gate_up), x_MH.shape[1])
         dx = gather_sum(dx_NH, buckets.slot_of_row_MR, None, x_MH.dtype)
-    dweight_N = dweight_parts_NT.sum(1) if weighted else None
+    dweight_N = dweight_parts_NT.sum(1) if dweight_parts_NT is not None else None  # weighted
     inputs_done(dx, dweight_N)
     dw_gate_up = dw_down = None
     if needs_gate_up:
         dw_gate_up = grouped_wgrad(dgu_N2I, x_MH, buckets, False, True, w_gate_up.dtype)
     if needs_down:
         h_NI = weighted_h_NI if weighted else saved.h_NI
+        assert h_NI is not None, "the forward saved h_NI where it did not combine"
         dw_down = grouped_wgrad(dy, h_NI, buckets, weighted, False, w_down.dtype)
     return dx, dw_gate_up, dw_down, dweight_N
 
@@ -616,6 +638,7 @@ def _grouped_mm_grads(
     busy_sms = inputs_done(dx, dweight_N)
     if needs_down:
         h_NI = weighted_h_NI if weighted else saved.h_NI
+        assert h_NI is not None, "the forward saved h_NI where it did not combine"
         with _sm_carveout(busy_sms):  # next to the transfer inputs_done may have started
             dw_down = torch._grouped_mm(dy_NH.t(), h_NI, offs=offs)
     del dy_NH, weighted_h_NI
@@ -677,7 +700,7 @@ class _ExpertMLPCombine(torch.autograd.Function):
         save = any(ctx.needs_input_grad[:4])
         y_NH, _, gu_N2I = _forward(x_MH, buckets, w_gate_up_E2IH, w_down_EHI, save)
         weights_f32 = weights_MR.float().contiguous()
-        out_MH = gather_sum(y_NH, slot_of_row_MR, weights_f32, out_dtype, out_MH)
+        out_MH = _combine_into(y_NH, slot_of_row_MR, weights_f32, out_dtype, out_MH)
         if save:
             ctx.save_for_backward(
                 x_MH,
@@ -710,6 +733,7 @@ class _ExpertMLPCombine(torch.autograd.Function):
         def inputs_done(dx: torch.Tensor | None, dweight_N: torch.Tensor | None) -> int:
             nonlocal dweights
             if needs[3]:
+                assert dweight_N is not None, "a combined backward computes the weights' gradient"
                 dweights = buckets.per_read(dweight_N).to(ctx.weights_dtype)
             return 0 if ctx.on_input_grads is None else ctx.on_input_grads(dx, dweights)
 
@@ -717,18 +741,35 @@ class _ExpertMLPCombine(torch.autograd.Function):
         return dx, dw_gate_up, dw_down, dweights, None, None, None, None, None, None
 
 
-def prepare_backward(grad_fn: object) -> None:
+def _combine_into(
+    y_NH: torch.Tensor,
+    slot_of_row_MR: torch.Tensor,
+    weights_MR: torch.Tensor,
+    out_dtype: torch.dtype,
+    out_MH: torch.Tensor | RowSink | None,
+) -> torch.Tensor:
+    """The combine's gather-sum into ``out_MH``: a local tensor (or a new one), or a ``RowSink``
+    that stores the rows itself and returns their stand-in."""
+    if out_MH is None or isinstance(out_MH, torch.Tensor):
+        return gather_sum(y_NH, slot_of_row_MR, weights_MR, out_dtype, out_MH)
+    return out_MH.write(y_NH, slot_of_row_MR, weights_MR, out_dtype)
+
+
+def prepare_backward(grad_fn: Any) -> None:
     """For an ``expert_mlp_combine`` node whose backward runs on ``torch._grouped_mm`` and wants
     ``d gate_up_proj``: gather the x rows that GEMM reads now, into the node (its backward takes
     them from there). Any other node: nothing. See ``Backend.prepare_backward``."""
-    if type(grad_fn) is not _ExpertMLPCombine._backward_cls or not grad_fn.needs_input_grad[1]:
+    if type(grad_fn) is not _ExpertMLPCombine._backward_cls:
+        return
+    node: Any = grad_fn  # the attributes below are this module's own (set here, read by backward)
+    if not node.needs_input_grad[1]:
         return
     # Saved tensors unpack once under activation checkpointing (the unpack is where it recomputes):
     # the backward takes them from here too.
-    grad_fn.unpacked = grad_fn.saved_tensors
-    x_MH, w_gate_up, w_down, _, row_of_slot, slot_of_row, offsets, _ = grad_fn.unpacked
+    node.unpacked = node.saved_tensors
+    x_MH, w_gate_up, w_down, _, row_of_slot, slot_of_row, offsets, _ = node.unpacked
     if _grouped_mm_ok(x_MH, w_gate_up, w_down, ExpertBuckets(row_of_slot, slot_of_row, offsets)):
-        grad_fn.x_rows_NH = x_MH.index_select(0, row_of_slot)
+        node.x_rows_NH = x_MH.index_select(0, row_of_slot)
 
 
 def expert_mlp(
@@ -756,14 +797,14 @@ def expert_mlp_combine(
     weights_MR: torch.Tensor,
     out_dtype: torch.dtype,
     on_input_grads: InputGradsHook | None = None,
-    out_MH: torch.Tensor | PeerRows | None = None,
+    out_MH: torch.Tensor | RowSink | None = None,
 ) -> torch.Tensor:
     """``y_MH[m] = sum_r weights[m, r] * expert(x_MH[m])`` in ``out_dtype``: the local layer's path.
     ``on_input_grads``, ``out_MH``: see ``Backend.expert_mlp_combine``."""
     _check_dtypes(x_MH, w_gate_up_E2IH, w_down_EHI)
     if not needs_autograd(x_MH, w_gate_up_E2IH, w_down_EHI, weights_MR):  # inference: no graph node
         y_NH, _, _ = _forward(x_MH.contiguous(), buckets, w_gate_up_E2IH, w_down_EHI, False)
-        return gather_sum(y_NH, buckets.slot_of_row_MR, weights_MR.float().contiguous(), out_dtype, out_MH)
+        return _combine_into(y_NH, buckets.slot_of_row_MR, weights_MR.float().contiguous(), out_dtype, out_MH)
     return _ExpertMLPCombine.apply(
         x_MH.contiguous(), w_gate_up_E2IH, w_down_EHI, weights_MR,
         buckets.row_of_slot_N, buckets.slot_of_row_MR, buckets.offsets_E1, out_dtype, on_input_grads, out_MH,

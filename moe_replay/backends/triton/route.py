@@ -19,7 +19,7 @@ import triton.language as tl
 
 from moe_replay.backends.triton._common import needs_autograd, pow2
 from moe_replay.config import MoEConfig
-from moe_replay.routing.route import Routing
+from moe_replay.types import Routing
 
 _KNOCKED_OUT = tl.constexpr(-(2**63) + 1)  # below every packed selection key (route forward)
 
@@ -250,7 +250,7 @@ def _block_t(e_pad: int) -> int:
     return max(1, min(64, 2048 // e_pad))
 
 
-def _flags(cfg: MoEConfig) -> dict:
+def _flags(cfg: MoEConfig) -> tuple[dict[str, int], dict[str, int]]:
     groups = cfg.n_group or 1
     return {
         "K": cfg.top_k,

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_replay.backends.base import SendPlan
 from moe_replay.backends.triton._common import pow2
+from moe_replay.types import SendPlan
 
 BLOCK_T = 64  # tokens per block
 SCAN = 256  # earlier blocks summed per step of the place kernel

@@ -50,7 +50,7 @@ from moe_replay.quantize import QuantizedWeight
 
 # 1.5 * 2**23: adding then subtracting it rounds a float32 of magnitude below 2**22 to an integer,
 # half to even (the IEEE default rounding of the addition), on every device and the interpreter.
-_ROUND_MAGIC = 12582912.0
+_ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 # fmt: off
@@ -103,7 +103,7 @@ def _quant_linear_kernel(
     E, D, O, M_TILES, stride_am, stride_we, stride_wo, stride_se, stride_so,
     GROUP: tl.constexpr, INT4: tl.constexpr, GATHER_A: tl.constexpr, SWIGLU: tl.constexpr,
     SUB_GROUPS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, W_BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # out[n, :O] = a_scale[src(n)] * sum_g w_scale[e, :, g] * (q_a[src(n), group g] @ q_w[e, :, group g]^T)
     # With SWIGLU the weight has 2O rows (gate, then up) and out is silu(gate) * up.
@@ -123,7 +123,7 @@ def _quant_linear_kernel(
         ks = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :]
         w_base = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wo
-        g_ptrs = w_base + (tl.arange(0, BLOCK_K // 2) if INT4 else ks)[:, None]
+        g_ptrs = w_base + tl.arange(0, W_BLOCK_K)[:, None]  # bytes: BLOCK_K // 2 for int4
         u_ptrs = g_ptrs + O * stride_wo
         s_g_ptrs = w_scale_ptr + expert.to(tl.int64) * stride_se + cols * stride_so
         s_u_ptrs = s_g_ptrs + O * stride_so
@@ -159,8 +159,8 @@ def _quant_linear_kernel(
                         acc_u += int_u.to(tl.float32) * tl.load(s_u_ptrs + g, mask=col_ok, other=0.0)[None, :]
                         int_u = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
             a_ptrs += BLOCK_K
-            g_ptrs += BLOCK_K // 2 if INT4 else BLOCK_K
-            u_ptrs += BLOCK_K // 2 if INT4 else BLOCK_K
+            g_ptrs += W_BLOCK_K
+            u_ptrs += W_BLOCK_K
         a_scale = tl.load(a_scale_ptr + a_rows, mask=row_ok, other=0.0)[:, None]
         out = acc_g * a_scale
         if SWIGLU:
@@ -247,7 +247,8 @@ def quant_linear(
             q_a, a_scale, buckets.row_of_slot_N, buckets.offsets_E1, qweight, scale, out,
             E, D, O, m_tiles, q_a.stride(0), qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1),
             GROUP=weight.group_size, INT4=int4, GATHER_A=gather_a, SWIGLU=swiglu, SUB_GROUPS=sub_groups,
-            E_PAD=pow2(E, 16), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, GROUP_M=GROUP_M,
+            E_PAD=pow2(E, 16), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
+            W_BLOCK_K=block_k // 2 if int4 else block_k, GROUP_M=GROUP_M,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )  # fmt: skip
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from moe_replay.backends.base import Backend, ExpertBuckets, InputGradsHook, PeerRows, write_into
 from moe_replay.layers.moe import MoE, MoELayer
+from moe_replay.parallel.collectives import all_gather_ints, collective_device
 from moe_replay.parallel.state import keep_local_experts
 from moe_replay.quantize import WEIGHT_DTYPES, QuantizedWeight, quantize_weight
 from moe_replay.routing.route import Routing
@@ -81,6 +82,29 @@ class QuantExperts(nn.Module):
         )
 
 
+def _check_finite(moe: MoE) -> None:
+    """``ValueError`` naming the expert weight with NaN or inf values, on every rank of an
+    expert-parallel ``moe`` (whose ranks then agree before any of them enters a collective)."""
+    names = ("gate_up_proj", "down_proj")
+    bad = {}
+    for name in names:
+        finite_E = torch.isfinite(getattr(moe.experts, name).detach()).flatten(1).all(dim=1)
+        bad[name] = torch.nonzero(~finite_E).flatten().tolist()
+    ranks = {name: [0] if bad[name] else [] for name in names}
+    if moe.ep is not None:
+        group = moe.ep.group
+        flags_W2 = all_gather_ints([int(bool(bad[n])) for n in names], group, collective_device(group))
+        ranks = {name: [r for r, flags in enumerate(flags_W2) if flags[i]] for i, name in enumerate(names)}
+    for name in names:
+        if ranks[name]:
+            where = f" in local experts {bad[name]}" if bad[name] else ""
+            on = f" on ranks {ranks[name]} of ep_group" if moe.ep is not None else ""
+            raise ValueError(
+                f"moe.experts.{name} has non-finite values (NaN or inf){where}{on}; such weights "
+                "have no integer scale"
+            )
+
+
 class QuantMoE(MoELayer):
     """An MoE layer with int8 or int4 experts; build it with :meth:`from_float`.
 
@@ -104,7 +128,9 @@ class QuantMoE(MoELayer):
     def from_float(cls, moe: MoE, weight_dtype: str = "int8", group_size: int | None = None) -> QuantMoE:
         """Quantize ``moe``'s experts: ``"int8"`` per output channel (``group_size`` must be None),
         or ``"int4"`` with one scale per ``group_size`` inputs (required; must divide both the
-        hidden and the intermediate size, and be even).
+        hidden and the intermediate size, and be even). Weights must be finite (``ValueError``
+        naming the tensor otherwise; under expert parallelism every rank raises, naming the ranks
+        holding such experts).
 
         An expert-parallel ``moe`` gives an expert-parallel layer over the same group and mode,
         holding the same experts (a collective: every rank of the group calls it together)."""
@@ -127,6 +153,7 @@ class QuantMoE(MoELayer):
             for name, dim in dims.items():
                 if dim % group_size:
                     raise ValueError(f"group_size={group_size} must divide {name}={dim}")
+        _check_finite(moe)
         return cls(moe, weight_dtype, group_size)
 
     def forward(

@@ -287,6 +287,18 @@ def test_bad_arguments_raise(kwargs: dict, error: type, match: str) -> None:
         mr.QuantMoE.from_float(moe, **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("gate_up_proj", float("nan")), ("down_proj", float("inf")), ("down_proj", float("-inf"))],
+)
+def test_non_finite_weights_raise(name: str, value: float) -> None:
+    moe = make_moe(4, 2, 16, 8)
+    with torch.no_grad():
+        getattr(moe.experts, name)[2, 1, 3] = value
+    with pytest.raises(ValueError, match=rf"moe.experts.{name} has non-finite values .* experts \[2\]"):
+        mr.QuantMoE.from_float(moe, weight_dtype="int8")
+
+
 def test_from_float_needs_a_moe() -> None:
     with pytest.raises(TypeError, match=r"moe must be a moe_replay.MoE, got Linear"):
         mr.QuantMoE.from_float(torch.nn.Linear(4, 4))

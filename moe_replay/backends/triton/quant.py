@@ -241,6 +241,10 @@ def quant_linear(
 
     def launch(cfg: dict) -> None:
         block_k = cfg["BLOCK_K"]
+        # Groups of 32, 64, 128...: K tiles of at most one group each (one int32 sum per group;
+        # masked dots per group would repeat the tile's GEMM once per group it holds).
+        while weight.group_size != D and weight.group_size % block_k and block_k > 32:
+            block_k //= 2
         m_tiles = max_row_tiles(N, E, cfg["BLOCK_M"])
         sub_groups = weight.group_size != D and weight.group_size % block_k != 0
         _quant_linear_kernel[(triton.cdiv(O, cfg["BLOCK_N"]) * m_tiles,)](

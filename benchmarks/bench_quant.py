@@ -1,4 +1,4 @@
-"""Time ``mr.QuantMoE`` (int8 / int4 experts) against the bf16 ``mr.MoE`` layer on one GPU.
+"""Time ``mr.QuantMoE`` (int8 / int4 / fp8 experts) against the bf16 ``mr.MoE`` layer on one GPU.
 
     python benchmarks/bench_quant.py --json quant.json
     python benchmarks/bench_quant.py --tokens 1,64,4096 --impls bf16,int8-triton,int4-triton
@@ -8,8 +8,10 @@ Implementations (``--impls``), every one the whole layer on the same bf16 input 
   bf16          mr.MoE, triton backend, bf16 weights
   int8-triton   mr.QuantMoE int8 (per output channel), triton kernels
   int4-triton   mr.QuantMoE int4, groups of ``--group-size`` inputs, triton kernels
+  fp8-triton    mr.QuantMoE fp8 (e4m3, 128 x 128 weight blocks), triton kernels (sm89+)
   int8-torch    the same layers on the torch reference backend (a Python loop over experts,
   int4-torch    float64 matmuls, host reads of the bucket offsets: timed eagerly)
+  fp8-torch
 
 Method: warm-up first (compilation excluded); for T <= ``--graph-max-tokens`` ten calls with ten
 different routings are captured in one CUDA graph and its replays timed (per-call time reported),
@@ -34,8 +36,11 @@ import torch
 import moe_replay as mr
 from moe_replay.bench import SHAPES, graph_ms, make_ids, write_json
 
-QUANT_SHAPES = {**SHAPES, "tiny": {"hidden_size": 64, "num_experts": 8, "top_k": 2, "intermediate_size": 32}}
-IMPLS = ("bf16", "int8-triton", "int4-triton", "int8-torch", "int4-torch")
+QUANT_SHAPES = {
+    **SHAPES,
+    "tiny": {"hidden_size": 128, "num_experts": 8, "top_k": 2, "intermediate_size": 128},
+}
+IMPLS = ("bf16", "int8-triton", "int4-triton", "fp8-triton", "int8-torch", "int4-torch", "fp8-torch")
 GRAPH_CALLS = 10
 
 

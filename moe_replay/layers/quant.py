@@ -13,7 +13,7 @@ from moe_replay.backends.base import Backend, ExpertBuckets, InputGradsHook, Pee
 from moe_replay.layers.moe import MoE, MoELayer
 from moe_replay.parallel.collectives import all_gather_ints, collective_device
 from moe_replay.parallel.state import keep_local_experts
-from moe_replay.quantize import WEIGHT_DTYPES, QuantizedWeight, quantize_weight
+from moe_replay.quantize import FP8_BLOCK, WEIGHT_DTYPES, QuantizedWeight, quantize_weight
 from moe_replay.routing.route import Routing
 
 
@@ -106,11 +106,12 @@ def _check_finite(moe: MoE) -> None:
 
 
 class QuantMoE(MoELayer):
-    """An MoE layer with int8 or int4 experts; build it with :meth:`from_float`.
+    """An MoE layer with int8, int4 or fp8 experts; build it with :meth:`from_float`.
 
-    Activations are quantized per token to int8 before each expert GEMM; integer products are
-    accumulated exactly, then scaled. Inference only: calling it with gradients requested (an
-    input that requires grad, or a router weight set to require grad) raises ``ValueError``.
+    Activations are quantized before each expert GEMM, per token to int8 (fp8 experts: per 128
+    inputs of each token to e4m3); products are accumulated exactly, then scaled. Inference
+    only: calling it with gradients requested (an input that requires grad, or a router weight
+    set to require grad) raises ``ValueError``.
     """
 
     def __init__(self, moe: MoE, weight_dtype: str, group_size: int | None) -> None:
@@ -128,9 +129,10 @@ class QuantMoE(MoELayer):
     def from_float(cls, moe: MoE, weight_dtype: str = "int8", group_size: int | None = None) -> QuantMoE:
         """Quantize ``moe``'s experts: ``"int8"`` per output channel (``group_size`` must be None),
         or ``"int4"`` with one scale per ``group_size`` inputs (required; must divide both the
-        hidden and the intermediate size, and be even). Weights must be finite (``ValueError``
-        naming the tensor otherwise; under expert parallelism every rank raises, naming the ranks
-        holding such experts).
+        hidden and the intermediate size, and be even), or ``"fp8"`` (e4m3) with one scale per
+        128 x 128 block (``group_size`` must be None; both sizes multiples of 128). Weights must
+        be finite (``ValueError`` naming the tensor otherwise; under expert parallelism every rank
+        raises, naming the ranks holding such experts).
 
         An expert-parallel ``moe`` gives an expert-parallel layer over the same group and mode,
         holding the same experts (a collective: every rank of the group calls it together)."""
@@ -144,6 +146,15 @@ class QuantMoE(MoELayer):
             raise ValueError(
                 f"int8 weights use one scale per output channel; group_size must be None, got {group_size}"
             )
+        if weight_dtype == "fp8":
+            if group_size is not None:
+                raise ValueError(
+                    f"fp8 weights use 128 x 128 blocks; group_size must be None, got {group_size}"
+                )
+            for name in ("hidden_size", "intermediate_size"):
+                dim = getattr(moe.cfg, name)
+                if dim % FP8_BLOCK:
+                    raise ValueError(f"fp8 weights need {name} to be a multiple of {FP8_BLOCK}, got {dim}")
         if weight_dtype == "int4":
             if group_size is None:
                 raise ValueError("int4 weights need group_size (inputs per scale), got None")

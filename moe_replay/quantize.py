@@ -1,4 +1,4 @@
-"""Integer formats of the quantized experts, and their (de)quantization.
+"""Formats of the quantized experts, and their (de)quantization.
 
 Shape legend: E experts, O output features, D input features, G = D / group_size groups.
 
@@ -8,9 +8,12 @@ Weights are symmetric, with float32 scales:
 * ``int4``: ``q = round(w / s)`` in [-7, 7], one scale per ``group_size`` inputs of each output
   channel, packed two per byte along the input: byte ``d // 2`` holds input ``d`` (even) in its low
   nibble and ``d + 1`` in its high nibble, as two's-complement nibbles.
+* ``fp8``: ``q = float8_e4m3fn(w / s)`` (round to nearest even, |q| <= 448), one scale per block
+  of 128 x 128 (outputs x inputs): scales ``[E, O / 128, D / 128]``, the DeepSeek-V3 layout.
 
-Activations are quantized per row (per token) to int8 right before each GEMM, symmetric with one
-float32 scale per row. A row (or weight group) of zeros gets scale 1, which represents it exactly.
+Activations are quantized right before each GEMM, symmetric with float32 scales: for int weights
+per row (per token) to int8, for fp8 weights per 128 inputs of each row to e4m3 (``[n, D / 128]``
+scales). A row, group or block of zeros gets scale 1, which represents it exactly.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-WEIGHT_DTYPES = ("int8", "int4")
-_QMAX = {"int8": 127, "int4": 7}
+WEIGHT_DTYPES = ("int8", "int4", "fp8")
+_QMAX = {"int8": 127, "int4": 7, "fp8": 448}
+FP8_BLOCK = 128
+"""Outputs and inputs per fp8 weight scale, inputs per fp8 activation scale."""
 
 
 @dataclass(frozen=True)
@@ -28,13 +33,19 @@ class QuantizedWeight:
     """``E`` quantized matrices of logical shape ``[O, D]``."""
 
     qweight: torch.Tensor
-    """int8 ``[E, O, D]``, or uint8 ``[E, O, D // 2]`` for int4 (two per byte)."""
+    """int8 ``[E, O, D]``, uint8 ``[E, O, D // 2]`` for int4 (two per byte), float8_e4m3fn
+    ``[E, O, D]`` for fp8."""
     scale: torch.Tensor
-    """float32 ``[E, O, G]``."""
+    """float32 ``[E, O / scale_rows, G]``."""
     weight_dtype: str
-    """"int8" or "int4"."""
+    """"int8", "int4" or "fp8"."""
     group_size: int
-    """Inputs sharing one scale (D for int8's per-channel scales)."""
+    """Inputs sharing one scale (D for int8's per-channel scales, 128 for fp8)."""
+
+    @property
+    def scale_rows(self) -> int:
+        """Outputs sharing one scale: 128 for fp8's blocks, else 1."""
+        return FP8_BLOCK if self.weight_dtype == "fp8" else 1
 
     @property
     def in_features(self) -> int:
@@ -42,18 +53,25 @@ class QuantizedWeight:
 
     @property
     def out_features(self) -> int:
-        return self.scale.shape[1]
+        return self.scale.shape[1] * self.scale_rows
 
     def int_weight(self, expert: int) -> torch.Tensor:
-        """Expert ``expert``'s integer weight ``[O, D]`` as int8 (int4 unpacked)."""
+        """Expert ``expert``'s quantized weight ``[O, D]``: int8 (int4 unpacked), or fp8."""
         q = self.qweight[expert]
         return unpack_int4(q) if self.weight_dtype == "int4" else q
 
+    def row_scales(self, expert: int) -> torch.Tensor:
+        """Expert ``expert``'s scales per output, float32 ``[O, G]`` (fp8's blocks repeated)."""
+        return self.scale[expert].repeat_interleave(self.scale_rows, dim=0)
+
     def dequantize(self) -> torch.Tensor:
         """Float32 ``[E, O, D]``: ``q * s`` (for inspection and error measurement)."""
-        E, O, G = self.scale.shape
-        q = torch.stack([self.int_weight(e) for e in range(E)]) if E else self.qweight.new_zeros(0, O, 0)
-        return (q.float().view(E, O, G, self.group_size) * self.scale.unsqueeze(-1)).view(E, O, -1)
+        E, O, G = self.scale.shape[0], self.out_features, self.scale.shape[2]
+        if not E:
+            return torch.zeros(0, O, self.in_features, device=self.scale.device)
+        q = torch.stack([self.int_weight(e) for e in range(E)]).float().view(E, O, G, self.group_size)
+        scale = torch.stack([self.row_scales(e) for e in range(E)])
+        return (q * scale.unsqueeze(-1)).view(E, O, -1)
 
 
 def _scale(amax: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -63,6 +81,8 @@ def _scale(amax: torch.Tensor, qmax: int) -> torch.Tensor:
 def quantize_weight(w_EOD: torch.Tensor, weight_dtype: str, group_size: int | None) -> QuantizedWeight:
     """Quantize ``w_EOD`` (any float dtype) to ``weight_dtype``; see the module docstring."""
     E, O, D = w_EOD.shape
+    if weight_dtype == "fp8":
+        return _quantize_fp8(w_EOD)
     if weight_dtype == "int8":
         group_size = D
     elif D % 2:
@@ -74,6 +94,19 @@ def quantize_weight(w_EOD: torch.Tensor, weight_dtype: str, group_size: int | No
     q = torch.round(w / scale_EOG.unsqueeze(-1)).clamp(-qmax, qmax).to(torch.int8).view(E, O, D)
     qweight = pack_int4(q) if weight_dtype == "int4" else q
     return QuantizedWeight(qweight=qweight, scale=scale_EOG, weight_dtype=weight_dtype, group_size=group_size)
+
+
+def _quantize_fp8(w_EOD: torch.Tensor) -> QuantizedWeight:
+    E, O, D = w_EOD.shape
+    B = FP8_BLOCK
+    if O % B or D % B:
+        raise ValueError(
+            f"fp8 weights take {B} x {B} blocks; both sizes must be multiples of {B}, got {O} x {D}"
+        )
+    w = w_EOD.detach().float().view(E, O // B, B, D // B, B)
+    scale = _scale(w.abs().amax(dim=(2, 4)), _QMAX["fp8"])  # [E, O / B, D / B]
+    q = (w / scale[:, :, None, :, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(E, O, D)
+    return QuantizedWeight(qweight=q, scale=scale, weight_dtype="fp8", group_size=B)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -95,3 +128,13 @@ def quantize_rows(x_nD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale_n = _scale(x.abs().amax(dim=1) if x.shape[1] else x.new_zeros(x.shape[0]), 127)
     q = torch.round(x / scale_n.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
     return q, scale_n
+
+
+def quantize_row_groups(x_nD: torch.Tensor, group: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per ``group`` inputs of each row, symmetric e4m3: ``(q_nD float8_e4m3fn, scale_nG float32)``
+    with ``x ≈ q * scale`` per group (``group`` must divide D)."""
+    n, D = x_nD.shape
+    x = x_nD.float().view(n, D // group, group)
+    scale_nG = _scale(x.abs().amax(dim=2), _QMAX["fp8"])
+    q = (x / scale_nG.unsqueeze(2)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q.view(n, D), scale_nG

@@ -11,8 +11,9 @@ from torch import nn
 
 from moe_replay.backends.base import Backend, write_into
 from moe_replay.layers.moe import MoE, MoELayer
+from moe_replay.parallel.collectives import all_gather_ints, collective_device
 from moe_replay.parallel.state import keep_local_experts
-from moe_replay.quantize import WEIGHT_DTYPES, QuantizedWeight, quantize_weight
+from moe_replay.quantize import FP8_BLOCK, WEIGHT_DTYPES, QuantizedWeight, quantize_weight
 from moe_replay.routing.route import Routing
 from moe_replay.types import ExpertBuckets, InputGradsHook, RowSink
 
@@ -87,12 +88,36 @@ class QuantExperts(nn.Module):
         )
 
 
-class QuantMoE(MoELayer):
-    """An MoE layer with int8 or int4 experts; build it with :meth:`from_float`.
+def _check_finite(moe: MoE) -> None:
+    """``ValueError`` naming the expert weight with NaN or inf values, on every rank of an
+    expert-parallel ``moe`` (whose ranks then agree before any of them enters a collective)."""
+    names = ("gate_up_proj", "down_proj")
+    bad = {}
+    for name in names:
+        finite_E = torch.isfinite(getattr(moe.experts, name).detach()).flatten(1).all(dim=1)
+        bad[name] = torch.nonzero(~finite_E).flatten().tolist()
+    ranks = {name: [0] if bad[name] else [] for name in names}
+    if moe.ep is not None:
+        group = moe.ep.group
+        flags_W2 = all_gather_ints([int(bool(bad[n])) for n in names], group, collective_device(group))
+        ranks = {name: [r for r, flags in enumerate(flags_W2) if flags[i]] for i, name in enumerate(names)}
+    for name in names:
+        if ranks[name]:
+            where = f" in local experts {bad[name]}" if bad[name] else ""
+            on = f" on ranks {ranks[name]} of ep_group" if moe.ep is not None else ""
+            raise ValueError(
+                f"moe.experts.{name} has non-finite values (NaN or inf){where}{on}; such weights "
+                "have no integer scale"
+            )
 
-    Activations are quantized per token to int8 before each expert GEMM; integer products are
-    accumulated exactly, then scaled. Inference only: calling it with gradients requested (an
-    input that requires grad, or a router weight set to require grad) raises ``ValueError``.
+
+class QuantMoE(MoELayer):
+    """An MoE layer with int8, int4 or fp8 experts; build it with :meth:`from_float`.
+
+    Activations are quantized before each expert GEMM, per token to int8 (fp8 experts: per 128
+    inputs of each token to e4m3); products are accumulated exactly, then scaled. Inference
+    only: calling it with gradients requested (an input that requires grad, or a router weight
+    set to require grad) raises ``ValueError``.
     """
 
     experts: QuantExperts
@@ -112,7 +137,10 @@ class QuantMoE(MoELayer):
     def from_float(cls, moe: MoE, weight_dtype: str = "int8", group_size: int | None = None) -> QuantMoE:
         """Quantize ``moe``'s experts: ``"int8"`` per output channel (``group_size`` must be None),
         or ``"int4"`` with one scale per ``group_size`` inputs (required; must divide both the
-        hidden and the intermediate size, and be even).
+        hidden and the intermediate size, and be even), or ``"fp8"`` (e4m3) with one scale per
+        128 x 128 block (``group_size`` must be None; both sizes multiples of 128). Weights must
+        be finite (``ValueError`` naming the tensor otherwise; under expert parallelism every rank
+        raises, naming the ranks holding such experts).
 
         An expert-parallel ``moe`` gives an expert-parallel layer over the same group and mode,
         holding the same experts (a collective: every rank of the group calls it together)."""
@@ -126,6 +154,15 @@ class QuantMoE(MoELayer):
             raise ValueError(
                 f"int8 weights use one scale per output channel; group_size must be None, got {group_size}"
             )
+        if weight_dtype == "fp8":
+            if group_size is not None:
+                raise ValueError(
+                    f"fp8 weights use 128 x 128 blocks; group_size must be None, got {group_size}"
+                )
+            for name in ("hidden_size", "intermediate_size"):
+                dim = getattr(moe.cfg, name)
+                if dim % FP8_BLOCK:
+                    raise ValueError(f"fp8 weights need {name} to be a multiple of {FP8_BLOCK}, got {dim}")
         if weight_dtype == "int4":
             if group_size is None:
                 raise ValueError("int4 weights need group_size (inputs per scale), got None")
@@ -135,6 +172,7 @@ class QuantMoE(MoELayer):
             for name, dim in dims.items():
                 if dim % group_size:
                     raise ValueError(f"group_size={group_size} must divide {name}={dim}")
+        _check_finite(moe)
         return cls(moe, weight_dtype, group_size)
 
     def forward(

@@ -292,9 +292,9 @@ def test_tiles_that_do_not_fit_shrink_and_are_remembered(monkeypatch) -> None:  
     """Tiles tuned for an H100 fall back to fewer stages, then a smaller K block, elsewhere."""
     from triton.runtime.errors import OutOfResources
 
-    from moe_replay.backends.triton import experts
+    from moe_replay.backends.triton import _common
 
-    monkeypatch.setattr(experts, "_SHRUNK", {})
+    monkeypatch.setattr(_common, "_SHRUNK", {})
     tried = []
 
     def launch(cfg: dict) -> None:
@@ -303,17 +303,18 @@ def test_tiles_that_do_not_fit_shrink_and_are_remembered(monkeypatch) -> None:  
             raise OutOfResources(300_000, 232_448, "shared memory")
 
     cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}
-    experts._launch("linear", cfg, torch.device(DEVICE), launch)
+    _common.launch_fitting("linear", cfg, torch.device(DEVICE), launch)
     assert tried == [(4, 64), (3, 64), (2, 64), (2, 32)]
     tried.clear()
-    experts._launch("linear", cfg, torch.device(DEVICE), launch)  # remembered: straight to what fits
+    _common.launch_fitting("linear", cfg, torch.device(DEVICE), launch)  # remembered: straight to what fits
     assert tried == [(2, 32)]
 
     def never_fits(cfg: dict) -> None:
         raise OutOfResources(300_000, 232_448, "shared memory")
 
     with pytest.raises(OutOfResources):
-        experts._launch("wgrad", {**cfg, "BLOCK_K": 16, "num_stages": 2}, torch.device(DEVICE), never_fits)
+        tiny = {**cfg, "BLOCK_K": 16, "num_stages": 2}
+        _common.launch_fitting("wgrad", tiny, torch.device(DEVICE), never_fits)
 
 
 def test_expert_mlp_rows_match_reference() -> None:

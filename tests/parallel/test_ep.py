@@ -539,6 +539,16 @@ def check_errors(world: World) -> None:
     with pytest.raises(ValueError, match=rf"ranks \[{others}\] of ep_group built this layer differently"):
         mr.MoE(cfg, ep_group=group, ep_mode=odd_mode)
 
+    # Non-finite expert weights on rank 0 only: QuantMoE.from_float raises on every rank.
+    nan_layer = mr.MoE(cfg, backend="torch", ep_group=group)
+    if world.rank == 0:
+        with torch.no_grad():
+            nan_layer.experts.down_proj[0, 0, 0] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"moe.experts.down_proj has non-finite .*on ranks \[0\] of ep_group"
+    ):
+        mr.QuantMoE.from_float(nan_layer, "int8")
+
     ep = mr.MoE(cfg, backend="torch", ep_group=group, ep_mode="alltoall")
     x = torch.randn(3, H)
     with pytest.raises(ValueError, match=r"forced_expert_ids must have shape \[N=3, top_k=3\]"):

@@ -3,8 +3,8 @@
 Runs on CUDA devices of compute capability 8.0 or newer, and on CPU tensors under
 ``TRITON_INTERPRET=1`` (Triton's interpreter: how CI tests the kernels, at small sizes).
 
-What is not a kernel, explicitly: quantized experts (``QuantMoE``) use the reference integer
-GEMMs of the ``torch`` backend; the routing/dispatch/combine stages around them are this backend's.
+Quantized experts (``QuantMoE``): int8 GEMMs with int32 sums over the same expert buckets
+(``quant.py``), forward only, between this backend's dispatch and combine.
 
 ``torch.compile``: every stage below is opaque to Dynamo (``torch.compiler.disable``): a compiled
 model runs them as they are, breaking its graph around each call, and compiles what lies between
@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 
 from moe_replay.backends.base import Backend
-from moe_replay.backends.torch import quant as reference_quant
-from moe_replay.backends.triton import combine, dispatch, experts, route
+from moe_replay.backends.triton import combine, dispatch, experts, quant, route
 from moe_replay.backends.triton._common import interpreting
 from moe_replay.config import MoEConfig
 from moe_replay.quantize import QuantizedWeight
@@ -100,8 +99,7 @@ class TritonBackend(Backend):
     def quant_expert_mlp(
         self, x_MH: torch.Tensor, buckets: ExpertBuckets, gate_up: QuantizedWeight, down: QuantizedWeight
     ) -> torch.Tensor:
-        # Explicitly the reference integer GEMMs (module docstring): no Triton int8 kernels yet.
-        return reference_quant.quant_expert_mlp(x_MH, buckets, gate_up, down)
+        return quant.quant_expert_mlp(x_MH, buckets, gate_up, down)
 
 
 BACKEND = TritonBackend()

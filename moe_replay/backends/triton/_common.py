@@ -9,11 +9,16 @@ data). Every kernel therefore takes ``DOT_FP32``: when set, operands are upcast 
 from __future__ import annotations
 
 import functools
+import logging
 import os
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+logger = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -89,3 +94,29 @@ def grouped_tile_order(pid, num_m, num_n, GROUP_M: tl.constexpr):
 def max_row_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
     """Upper bound of ``sum_e ceil(count_e / block_m)``, known on the host without a sync."""
     return triton.cdiv(num_rows, block_m) + min(num_experts, num_rows)
+
+
+# Tiles that did not fit a device's shared memory, and the smaller ones that ran instead.
+_SHRUNK: dict[tuple, dict] = {}
+
+
+def launch_fitting(kernel: str, cfg: dict, device: torch.device, launch: Callable[[dict], None]) -> None:
+    """``launch(cfg)``; if those tiles need more shared memory than the device has (the tables are
+    tuned on an H100's 227 KB; an A100 has 163 KB), retry with one pipeline stage fewer, then with
+    half the K block, and remember what ran. The error comes when the kernel loads, before
+    anything is enqueued, so a retry is safe (and happens in warm-up, not inside graph capture)."""
+    key = (kernel, tuple(sorted(cfg.items())), device.type, device.index)
+    cfg = _SHRUNK.get(key, cfg)
+    while True:
+        try:
+            launch(cfg)
+            return
+        except OutOfResources as error:
+            if cfg["num_stages"] > 2:
+                smaller = {**cfg, "num_stages": cfg["num_stages"] - 1}
+            elif cfg["BLOCK_K"] > 16:
+                smaller = {**cfg, "BLOCK_K": cfg["BLOCK_K"] // 2}
+            else:
+                raise
+            logger.info("moe_replay: %s tiles %s do not fit (%s); trying %s", kernel, cfg, error, smaller)
+            _SHRUNK[key] = cfg = smaller

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,13 +40,13 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
 from moe_replay.backends.triton._common import (
     dot_flags,
     expert_of_tile,
     grouped_tile_order,
     interpreting,
+    launch_fitting,
     max_row_tiles,
     mma,
     needs_autograd,
@@ -62,7 +61,6 @@ try:
 except ImportError:  # Triton < 3.4: pointer loads only
     TensorDescriptor = None
 
-logger = logging.getLogger(__name__)
 
 # Whether kernels on compute capability 9.0+ load weights (and unpermuted activations) through
 # TMA descriptors: "1" (yes) or "0". None: the MOE_REPLAY_TRITON_TMA environment variable, read at
@@ -307,32 +305,6 @@ def _for_dtype(cfg: dict, dtype: torch.dtype) -> dict:
     return cfg
 
 
-# Tiles that did not fit a device's shared memory, and the smaller ones that ran instead.
-_SHRUNK: dict[tuple, dict] = {}
-
-
-def _launch(kernel: str, cfg: dict, device: torch.device, launch: Callable[[dict], None]) -> None:
-    """``launch(cfg)``; if those tiles need more shared memory than the device has (the tables are
-    tuned on an H100's 227 KB; an A100 has 163 KB), retry with one pipeline stage fewer, then with
-    half the K block, and remember what ran. The error comes when the kernel loads, before
-    anything is enqueued, so a retry is safe (and happens in warm-up, not inside graph capture)."""
-    key = (kernel, tuple(sorted(cfg.items())), device.type, device.index)
-    cfg = _SHRUNK.get(key, cfg)
-    while True:
-        try:
-            launch(cfg)
-            return
-        except OutOfResources as error:
-            if cfg["num_stages"] > 2:
-                smaller = {**cfg, "num_stages": cfg["num_stages"] - 1}
-            elif cfg["BLOCK_K"] > 16:
-                smaller = {**cfg, "BLOCK_K": cfg["BLOCK_K"] // 2}
-            else:
-                raise
-            logger.info("moe_replay: %s tiles %s do not fit (%s); trying %s", kernel, cfg, error, smaller)
-            _SHRUNK[key] = cfg = smaller
-
-
 def gate_up_fwd(
     x_MH: torch.Tensor,
     buckets: ExpertBuckets,
@@ -360,7 +332,7 @@ def gate_up_fwd(
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **dot_flags(x_MH.dtype),
         )  # fmt: skip
 
-    _launch("gate_up", cfg, x_MH.device, launch)
+    launch_fitting("gate_up", cfg, x_MH.device, launch)
     return h_NI, gu_N2I
 
 
@@ -419,7 +391,7 @@ def grouped_linear(
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **dot_flags(a.dtype),
         )  # fmt: skip
 
-    _launch("swiglu_bwd" if gu_N2I is not None else "linear", cfg, a.device, launch)
+    launch_fitting("swiglu_bwd" if gu_N2I is not None else "linear", cfg, a.device, launch)
     return out, dscale, hw
 
 
@@ -449,7 +421,7 @@ def grouped_wgrad(
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **dot_flags(a.dtype),
         )  # fmt: skip
 
-    _launch("wgrad", cfg, a.device, launch)
+    launch_fitting("wgrad", cfg, a.device, launch)
     return dw
 
 

@@ -74,7 +74,7 @@ def _(logits_TE, bias_E, forced_TK, site_key, lead_shape, validate, own_TK=None)
     return logits_TE.new_empty(logits_TE.shape[0], site_by_key(site_key).top_k, dtype=torch.int32)
 
 
-def _experts_eager(
+def run_experts(
     x_TH: torch.Tensor,
     ids_TK: torch.Tensor,
     weights_TK: torch.Tensor,
@@ -82,6 +82,8 @@ def _experts_eager(
     down_EHI: torch.Tensor,
     backend: str,
 ) -> torch.Tensor:
+    """Dispatch, expert MLP and combine through ``backend`` (``""``: automatic), eagerly: what the
+    ``experts`` op runs, and what an attached model's experts run outside compile."""
     impl = get_backend(backend or None, x_TH.device)
     buckets = impl.dispatch(ids_TK, gate_up_E2IH.shape[0])
     return impl.expert_mlp_combine(x_TH, buckets, gate_up_E2IH, down_EHI, weights_TK, x_TH.dtype)
@@ -99,7 +101,7 @@ def experts(
     """``y_TH[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t])`` through ``backend``
     (``""``: automatic)."""
     with torch.no_grad():
-        return _experts_eager(x_TH, ids_TK, weights_TK, gate_up_E2IH, down_EHI, backend)
+        return run_experts(x_TH, ids_TK, weights_TK, gate_up_E2IH, down_EHI, backend)
 
 
 @experts.register_fake
@@ -131,7 +133,7 @@ def experts_backward(
     differentiated."""
     inputs = [t.detach().requires_grad_() for t in (x_TH, weights_TK, gate_up_E2IH, down_EHI)]
     with _autograd_inside_custom_op(), torch.enable_grad():
-        y_TH = _experts_eager(inputs[0], ids_TK, inputs[1], inputs[2], inputs[3], backend)
+        y_TH = run_experts(inputs[0], ids_TK, inputs[1], inputs[2], inputs[3], backend)
         grads = torch.autograd.grad(y_TH, inputs, dy_TH, allow_unused=True)
     dx, dw, dgu, dd = (torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs))
     return dx, dw, dgu, dd

@@ -82,7 +82,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_replay import ops
-from moe_replay.backends.registry import get_backend, registered_backends
+from moe_replay.backends.registry import registered_backends
 from moe_replay.config import MoEConfig
 from moe_replay.integrations.hf_families import FAMILIES, UNSUPPORTED, Family
 from moe_replay.integrations.hf_router import (
@@ -359,15 +359,10 @@ def _experts_forward(
     dispatch, then experts + combine (fused where the backend fuses them), on the model's own
     ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``."""
     state: _ExpertsState = getattr(self, _EXPERTS_ATTR)
-    if torch.compiler.is_compiling():
-        ids_TK = top_k_index.to(torch.int32)
-        gate_up, down = self.gate_up_proj, self.down_proj
-        return ops.experts(hidden_states, ids_TK, top_k_weights, gate_up, down, state.backend or "")
-    backend = get_backend(state.backend, hidden_states.device)
-    buckets = backend.dispatch(top_k_index.to(torch.int32), self.gate_up_proj.shape[0])
-    return backend.expert_mlp_combine(
-        hidden_states, buckets, self.gate_up_proj, self.down_proj, top_k_weights, hidden_states.dtype
-    )
+    ids_TK = top_k_index.to(torch.int32)
+    gate_up, down = self.gate_up_proj, self.down_proj
+    run = ops.experts if torch.compiler.is_compiling() else ops.run_experts
+    return run(hidden_states, ids_TK, top_k_weights, gate_up, down, state.backend or "")
 
 
 # --------------------------------------------------------------------------------------------
